@@ -1,0 +1,127 @@
+"""The one wiring file: configuration in, a running gateway out."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.checks import CHECKS
+from gateway.checks.base import Deps
+from gateway.checks.pipeline import Pipeline
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config, parse_hostport
+from gateway.maillog import MailLog, load_hash_key
+from gateway.metrics import Metrics
+from gateway.relay import open_upstream
+from gateway.senders import Registry, load_registry
+from gateway.smtp.handler import Handler
+from gateway.smtp.server import GatewaySMTP
+from gateway.state import open_store
+
+log = structlog.get_logger("gateway")
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    if config.server.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(config.path(config.server.tls_cert)),
+                        str(config.path(config.server.tls_key)))
+    return ctx
+
+
+@dataclass
+class Gateway:
+    config: Config
+    registry: Registry
+    clock: Clock = field(default_factory=SystemClock)
+    metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.metrics = Metrics(self.metrics_registry)
+        self.store = open_store(cfg.state.url, self.clock, cfg.base_dir)
+        self.upstream = open_upstream(cfg, self.clock)
+        self.maillog = MailLog(load_hash_key(cfg.path(cfg.logging.hash_key_file)),
+                               clear_recipients=cfg.logging.recipients == "clear")
+        deps = Deps(config=cfg, registry=self.registry, clock=self.clock, state=self.store)
+        self.pipeline = Pipeline([c(deps) for c in CHECKS], deps,
+                                 observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
+        self.handler = Handler(config=cfg, registry=self.registry, pipeline=self.pipeline,
+                               upstream=self.upstream, clock=self.clock, maillog=self.maillog,
+                               metrics=self.metrics)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.admin_runner: web.AppRunner | None = None
+        self.smtp_addresses: list[tuple[str, int]] = []
+        self.admin_address: tuple[str, int] | None = None
+
+    def _protocol(self, tls: ssl.SSLContext | None) -> GatewaySMTP:
+        s = self.config.server
+        return GatewaySMTP(self.handler, hostname=s.hostname, ident="ESMTP ecomm-gateway",
+                           data_size_limit=s.max_message_size, tls_context=tls,
+                           require_starttls=s.require_tls, auth_require_tls=True,
+                           timeout=s.timeout, loop=asyncio.get_running_loop())
+
+    async def start(self) -> None:
+        from gateway.admin import admin_app
+
+        await self.store.ping()
+        tls = server_tls_context(self.config)
+        loop = asyncio.get_running_loop()
+        for item in self.config.server.listen:
+            host, port = parse_hostport(item)
+            server = await loop.create_server(lambda: self._protocol(tls),
+                                              host=None if host == "*" else host, port=port)
+            self.servers.append(server)
+            self.smtp_addresses += [sock.getsockname()[:2] for sock in server.sockets]
+        self.admin_runner = web.AppRunner(admin_app(self), access_log=None)
+        await self.admin_runner.setup()
+        host, port = parse_hostport(self.config.admin.listen)
+        site = web.TCPSite(self.admin_runner, host, port)
+        await site.start()
+        self.admin_address = site._server.sockets[0].getsockname()[:2]
+        log.info("started", smtp=[f"{h}:{p}" for h, p in self.smtp_addresses],
+                 admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
+                 upstream=self.upstream.description, state=self.config.state.url,
+                 senders=len(self.registry))
+
+    async def readiness_problems(self) -> list[str]:
+        problems = []
+        if not self.servers:
+            problems.append("smtp not listening")
+        try:
+            await asyncio.wait_for(self.store.ping(), 2)
+        except Exception as exc:  # any failure means not ready; say which
+            problems.append(f"state: {exc}")
+        return problems
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
+        await self.handler.drain()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        await self.upstream.close()
+        await self.store.close()
+        log.info("stopped")
+
+
+async def serve(config: Config) -> None:
+    registry = load_registry(config.path(config.senders.dir))
+    gateway = Gateway(config, registry)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()

@@ -1,0 +1,51 @@
+"""Runs the checks of one SMTP stage in order, honouring each check's mode."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gateway.checks.base import ACCEPT, Check, Context, Deps, Stage, Verdict
+
+
+@dataclass
+class Outcome:
+    verdict: Verdict = ACCEPT
+    decided_by: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    monitored: list[tuple[str, Verdict]] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, checks: list[Check], deps: Deps, observe=None) -> None:
+        self.deps = deps
+        self.by_stage = {stage: [c for c in checks if c.stage is stage] for stage in Stage}
+        self.observe = observe or (lambda name, seconds: None)
+
+    def mode(self, check: Check, ctx: Context) -> str:
+        if ctx.sender is not None and check.name in ctx.sender.checks:
+            return ctx.sender.checks[check.name].mode
+        return self.deps.config.mode(check.name)
+
+    async def run(self, stage: Stage, ctx: Context, outcome: Outcome | None = None) -> Outcome:
+        """Run ``stage``'s checks; the first enforced non-accept verdict ends the run."""
+        outcome = outcome or Outcome()
+        for check in self.by_stage[stage]:
+            mode = self.mode(check, ctx)
+            if mode == "off":
+                continue
+            started = time.perf_counter()
+            verdict = await check.check(ctx)
+            elapsed = time.perf_counter() - started
+            outcome.timings_ms[check.name] = round(elapsed * 1000, 3)
+            self.observe(check.name, elapsed)
+            if verdict.accepted:
+                outcome.headers.extend(verdict.headers)
+                continue
+            if mode == "monitor":
+                outcome.monitored.append((check.name, verdict))
+                continue
+            outcome.verdict, outcome.decided_by = verdict, check.name
+            break
+        return outcome

@@ -1,0 +1,239 @@
+"""The gateway's configuration: ``gateway.toml`` read with tomllib into frozen dataclasses.
+
+Every key is documented in the shipped ``gateway.toml``. Relative paths are taken relative to the
+directory of the configuration file, so the gateway runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from gateway.smtp.address import DomainSet
+from gateway.typed import ConfigError, build
+
+Mode = Literal["enforce", "monitor", "off"]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:2525"`` or ``"[::1]:2525"`` -> (host, port); ValueError when malformed."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (IPv6 as [addr]:port)")
+    return host, int(port)
+
+
+def _check_listen(file, key: str, value: str) -> None:
+    try:
+        host, _ = parse_hostport(value)
+        if host not in ("localhost", "*"):
+            ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(file, key, str(exc)) from None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    hostname: str = "ecomm-gateway.localhost"
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 1000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_tls: bool = False
+    timeout: float = 300.0
+
+    def validate(self, file, prefix):
+        if not self.listen:
+            raise ConfigError(file, f"{prefix}.listen", "needs at least one host:port")
+        for i, item in enumerate(self.listen):
+            _check_listen(file, f"{prefix}.listen[{i}]", item)
+        if self.max_message_size < 1024:
+            raise ConfigError(file, f"{prefix}.max_message_size", "must be at least 1024 bytes")
+        if self.max_recipients < 1:
+            raise ConfigError(file, f"{prefix}.max_recipients", "must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(file, f"{prefix}.tls_key", "tls_cert and tls_key go together")
+        if self.require_tls and self.tls_cert is None:
+            raise ConfigError(file, f"{prefix}.require_tls", "needs tls_cert and tls_key")
+        if self.timeout <= 0:
+            raise ConfigError(file, f"{prefix}.timeout", "must be positive")
+
+
+UPSTREAM_SCHEMES = ("smtp", "smtps")
+
+
+def check_upstream_url(file, key: str, url: str) -> None:
+    if url.startswith("maildir:"):
+        if not url[len("maildir:"):]:
+            raise ConfigError(file, key, "maildir: needs a path, e.g. maildir:var/maildir")
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in UPSTREAM_SCHEMES or not parts.hostname:
+        raise ConfigError(file, key, f"{url!r}: expected smtp://host:port, smtps://host:port "
+                                     "or maildir:PATH")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(file, key, f"{url!r}: bad port") from None
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "maildir:var/maildir"
+    hosts: tuple[str, ...] = ()
+    starttls: Literal["required", "opportunistic", "off"] = "opportunistic"
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    pool_size: int = 20
+    timeout: float = 60.0
+    idle_timeout: float = 30.0
+
+    def validate(self, file, prefix):
+        check_upstream_url(file, f"{prefix}.url", self.url)
+        for i, url in enumerate(self.hosts):
+            check_upstream_url(file, f"{prefix}.hosts[{i}]", url)
+            if url.startswith("maildir:"):
+                raise ConfigError(file, f"{prefix}.hosts[{i}]", "failover hosts must be smtp(s)://")
+        if self.hosts and self.url.startswith("maildir:"):
+            raise ConfigError(file, f"{prefix}.hosts", "failover hosts need an smtp(s):// url")
+        if self.pool_size < 1:
+            raise ConfigError(file, f"{prefix}.pool_size", "must be at least 1")
+        if self.timeout <= 0 or self.idle_timeout < 0:
+            raise ConfigError(file, f"{prefix}.timeout", "timeouts must be positive")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.url, *self.hosts)
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    url: str = "sqlite:var/state.sqlite3"
+
+    def validate(self, file, prefix):
+        if not (self.url == "memory:" or (self.url.startswith("sqlite:") and len(self.url) > 7)):
+            raise ConfigError(file, f"{prefix}.url", f"{self.url!r}: expected sqlite:PATH or memory:")
+
+
+@dataclass(frozen=True)
+class UniversityConfig:
+    domains: tuple[str, ...] = ("example.edu", "*.example.edu")
+
+    def validate(self, file, prefix):
+        if not self.domains:
+            raise ConfigError(file, f"{prefix}.domains", "needs at least one domain")
+        for i, d in enumerate(self.domains):
+            reason = DomainSet.pattern_error(d)
+            if reason:
+                raise ConfigError(file, f"{prefix}.domains[{i}]", reason)
+
+
+@dataclass(frozen=True)
+class SendersConfig:
+    dir: Path = Path("config/senders")
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: str = "127.0.0.1:9025"
+
+    def validate(self, file, prefix):
+        _check_listen(file, f"{prefix}.listen", self.listen)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    recipients: Literal["hashed", "clear"] = "hashed"
+    hash_key_file: Path = Path("var/recipient-hash.key")
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    mode: Mode = "enforce"
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    state: StateConfig = StateConfig()
+    university: UniversityConfig = UniversityConfig()
+    senders: SendersConfig = SendersConfig()
+    admin: AdminConfig = AdminConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checks: dict[str, CheckSettings] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent
+
+    def path(self, p: Path | str) -> Path:
+        """A configured path, made absolute relative to the configuration file."""
+        p = Path(p)
+        return p if p.is_absolute() else self.base_dir / p
+
+    def mode(self, check: str) -> Mode:
+        return self.checks.get(check, CheckSettings()).mode
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("file", "checks")}
+
+
+def parse_checks(table, file, prefix: str, known: frozenset[str]) -> dict[str, CheckSettings]:
+    """``[checks.NAME]`` tables, each naming a known check, into CheckSettings."""
+    if not isinstance(table, dict):
+        raise ConfigError(file, prefix, "expected a table of [checks.NAME] tables")
+    out = {}
+    for name, value in table.items():
+        if name not in known:
+            raise ConfigError(file, f"{prefix}.{name}",
+                              f"unknown check (known checks: {', '.join(sorted(known))})")
+        if not isinstance(value, dict):
+            raise ConfigError(file, f"{prefix}.{name}", "expected a table, e.g. mode = \"monitor\"")
+        out[name] = build(CheckSettings, value, file, f"{prefix}.{name}")
+    return out
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    from gateway.checks import CHECK_NAMES
+
+    path = Path(path).resolve()
+    data = read_toml(path)
+    hints = {f.name: f.type for f in dataclasses.fields(Config)}
+    values = {}
+    for key, value in data.items():
+        if key == "checks":
+            values["checks"] = parse_checks(value, path, "checks", CHECK_NAMES)
+        elif key in SECTIONS:
+            cls = globals()[hints[key]] if isinstance(hints[key], str) else hints[key]
+            if not isinstance(value, dict):
+                raise ConfigError(path, key, f"expected a [{key}] table")
+            values[key] = build(cls, value, path, key)
+        else:
+            raise ConfigError(path, key, "unknown section (known sections: "
+                              + ", ".join(sorted([*SECTIONS, "checks"])) + ")")
+    return Config(file=path, **values)

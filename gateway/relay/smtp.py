@@ -1,0 +1,177 @@
+"""Campus mail over SMTP: aiosmtplib connections kept in a pool and reused across messages,
+STARTTLS as configured, failover across the configured hosts in order."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from urllib.parse import urlsplit
+
+import aiosmtplib
+from aiosmtplib import (SMTPException, SMTPRecipientRefused, SMTPResponseException,
+                        SMTPSenderRefused, SMTPServerDisconnected)
+
+from gateway.clock import Clock
+from gateway.relay.base import CONNECTION_LOST, UNAVAILABLE, UpstreamError
+from gateway.smtp.replies import Reply, from_upstream
+
+_TRANSPORT_ERRORS = (OSError, asyncio.TimeoutError, SMTPServerDisconnected,
+                     aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPConnectError)
+
+
+class SMTPUpstream:
+    def __init__(self, *, urls: tuple[str, ...], starttls: str, tls_context: ssl.SSLContext,
+                 pool_size: int, timeout: float, idle_timeout: float, helo: str,
+                 clock: Clock) -> None:
+        self.urls = urls
+        self.description = ", ".join(urls)
+        self.starttls = starttls
+        self.tls_context = tls_context
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.helo = helo
+        self.clock = clock
+        self._slots = asyncio.Semaphore(pool_size)
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+
+    async def _connect(self, url: str) -> aiosmtplib.SMTP:
+        parts = urlsplit(url)
+        implicit = parts.scheme == "smtps"
+        client = aiosmtplib.SMTP(
+            hostname=parts.hostname, port=parts.port or (465 if implicit else 25),
+            local_hostname=self.helo, timeout=self.timeout, use_tls=implicit,
+            start_tls=False, tls_context=self.tls_context)
+        await client.connect()
+        if not implicit and self.starttls != "off":
+            await client.ehlo()
+            if client.supports_extension("starttls"):
+                await client.starttls()
+            elif self.starttls == "required":
+                client.close()
+                raise ConnectionError(f"{url} does not offer STARTTLS and starttls = required")
+        return client
+
+    @staticmethod
+    def _options(client: aiosmtplib.SMTP, eightbit: bool, size: int | None) -> list[str]:
+        options = []
+        if eightbit and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if size and client.supports_extension("size"):
+            options.append(f"SIZE={size}")
+        return options
+
+    async def _mail(self, client, mail_from, eightbit, size) -> None:
+        await client.mail(mail_from, options=self._options(client, eightbit, size))
+
+    async def begin(self, mail_from: str, eightbit: bool, size: int | None) -> SMTPTransaction:
+        await self._slots.acquire()
+        try:
+            client = await self._checkout(mail_from, eightbit, size)
+        except BaseException:
+            self._slots.release()
+            raise
+        return SMTPTransaction(self, client)
+
+    async def _checkout(self, mail_from: str, eightbit: bool, size: int | None) -> aiosmtplib.SMTP:
+        now = self.clock.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()
+            if now - since > self.idle_timeout or not client.is_connected:
+                client.close()
+                continue
+            try:
+                await self._mail(client, mail_from, eightbit, size)
+                return client
+            except SMTPSenderRefused as exc:
+                self._release(client, reusable=True)
+                raise UpstreamError(from_upstream(exc.code, exc.message)) from exc
+            except (*_TRANSPORT_ERRORS, SMTPException):
+                client.close()  # a stale pooled connection: try another, then a fresh one
+        for url in self.urls:
+            try:
+                client = await self._connect(url)
+            except (*_TRANSPORT_ERRORS, SMTPException, ConnectionError):
+                continue  # next host
+            try:
+                await self._mail(client, mail_from, eightbit, size)
+                return client
+            except SMTPSenderRefused as exc:
+                self._release(client, reusable=True)
+                raise UpstreamError(from_upstream(exc.code, exc.message)) from exc
+            except (*_TRANSPORT_ERRORS, SMTPException):
+                client.close()
+        raise UpstreamError(UNAVAILABLE)
+
+    def _release(self, client: aiosmtplib.SMTP, reusable: bool) -> None:
+        if reusable and client.is_connected:
+            self._idle.append((client, self.clock.monotonic()))
+        else:
+            client.close()
+
+    async def close(self) -> None:
+        while self._idle:
+            client, _ = self._idle.pop()
+            try:
+                await asyncio.wait_for(client.quit(), 2)
+            except (*_TRANSPORT_ERRORS, SMTPException):
+                client.close()
+
+
+class SMTPTransaction:
+    """One upstream transaction on a pooled connection. The connection goes back to the pool
+    after a completed or reset transaction, and is closed after any transport failure, a 421,
+    or a client that vanished while a command was in flight."""
+
+    def __init__(self, upstream: SMTPUpstream, client: aiosmtplib.SMTP) -> None:
+        self.upstream, self.client = upstream, client
+        self._done = False
+        self._busy = False
+
+    def _finish(self, reusable: bool) -> None:
+        if not self._done:
+            self._done = True
+            self.upstream._release(self.client, reusable)
+            self.upstream._slots.release()
+
+    async def _command(self, call):
+        """Run one upstream command; returns its reply, or None on a transport failure."""
+        self._busy = True
+        try:
+            response = await call()
+        except SMTPResponseException as exc:
+            return from_upstream(exc.code, exc.message)
+        except (*_TRANSPORT_ERRORS, SMTPException):
+            self._finish(reusable=False)
+            return None
+        except BaseException:  # cancelled: the client went away mid-command
+            self._finish(reusable=False)
+            raise
+        finally:
+            self._busy = False
+        return from_upstream(response.code, response.message)
+
+    async def rcpt(self, address: str) -> Reply:
+        if self._done:
+            return CONNECTION_LOST
+        reply = await self._command(lambda: self.client.rcpt(address))
+        if reply is not None and reply.code == 421:
+            self._finish(reusable=False)
+        return reply or CONNECTION_LOST
+
+    async def data(self, content: bytes) -> Reply:
+        if self._done:
+            return CONNECTION_LOST
+        reply = await self._command(lambda: self.client.data(content))
+        if reply is None:
+            return CONNECTION_LOST
+        self._finish(reusable=reply.code != 421)
+        return reply
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        if self._busy:
+            self._finish(reusable=False)
+            return
+        reply = await self._command(self.client.rset)
+        self._finish(reusable=reply is not None and reply.ok)

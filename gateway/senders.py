@@ -1,0 +1,171 @@
+"""The sender registry: one TOML file per registered sending platform in ``config/senders/``.
+
+A sender is identified by its client IP (its ``networks``), by SMTP AUTH, and by a return-path
+that matches one of its ``return_path`` patterns. Validation guarantees that no two senders'
+patterns can match the same address, so the return-path alone names exactly one sender.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.config import CheckSettings, parse_checks, read_toml
+from gateway.passwords import check_hash_format
+from gateway.smtp.address import valid_domain
+from gateway.typed import ConfigError, build
+
+_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+
+
+@dataclass(frozen=True)
+class SenderAuth:
+    username: str
+    password_hash: str
+
+    def validate(self, file, prefix):
+        if not self.username or any(c.isspace() for c in self.username):
+            raise ConfigError(file, f"{prefix}.username", "must be non-empty, without spaces")
+        reason = check_hash_format(self.password_hash)
+        if reason:
+            raise ConfigError(file, f"{prefix}.password_hash", reason)
+
+
+@dataclass(frozen=True)
+class Sender:
+    id: str
+    organization: str
+    contact: str
+    networks: tuple[str, ...]
+    domains: tuple[str, ...]
+    return_path: tuple[str, ...]
+    expires: dt.date
+    description: str = ""
+    auth: SenderAuth | None = None
+    file: Path | None = field(default=None, compare=False, metadata={"toml": False})
+    checks: dict[str, CheckSettings] = field(default_factory=dict, compare=False,
+                                             metadata={"toml": False})
+    nets: tuple = field(init=False, repr=False, compare=False, default=())
+    patterns: tuple = field(init=False, repr=False, compare=False, default=())
+    patterns_rx: tuple = field(init=False, repr=False, compare=False, default=())
+
+    def validate(self, file, prefix):
+        if not _ID.match(self.id):
+            raise ConfigError(file, "id", f"{self.id!r}: use lower-case letters, digits, . _ -")
+        for key in ("organization", "contact"):
+            if not getattr(self, key).strip():
+                raise ConfigError(file, key, "must not be empty")
+        nets = []
+        for i, cidr in enumerate(self.networks):
+            try:
+                nets.append(ipaddress.ip_network(cidr, strict=True))
+            except ValueError as exc:
+                raise ConfigError(file, f"networks[{i}]", f"bad CIDR: {exc}") from None
+        if not nets:
+            raise ConfigError(file, "networks", "needs at least one CIDR")
+        if not self.domains:
+            raise ConfigError(file, "domains", "needs at least one domain")
+        for i, d in enumerate(self.domains):
+            if d != d.lower() or not valid_domain(d):
+                raise ConfigError(file, f"domains[{i}]", f"{d!r} is not a lower-case domain name")
+        if not self.return_path:
+            raise ConfigError(file, "return_path", "needs at least one pattern")
+        patterns = []
+        for i, pat in enumerate(self.return_path):
+            local, at, domain = pat.rpartition("@")
+            key = f"return_path[{i}]"
+            if not at or not local or "@" in local or "*" in domain or not valid_domain(domain):
+                raise ConfigError(file, key, f"{pat!r}: expected local-pattern@domain, "
+                                             "'*' only in the local part")
+            if not any(domain == d or domain.endswith("." + d) for d in self.domains):
+                raise ConfigError(file, key, f"{pat!r}: domain {domain} is not one of this "
+                                             "sender's domains (or a subdomain of one)")
+            patterns.append(pat.lower())
+        object.__setattr__(self, "nets", tuple(nets))
+        object.__setattr__(self, "patterns", tuple(patterns))
+        object.__setattr__(self, "patterns_rx", tuple(_pattern_rx(p) for p in patterns))
+
+    def has_ip(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.nets)
+
+    def matches_return_path(self, address: str) -> bool:
+        addr = address.lower()
+        return any(rx.match(addr) for rx in self.patterns_rx)
+
+    def expired(self, today: dt.date) -> bool:
+        """The registration is valid through its ``expires`` date, inclusive."""
+        return today > self.expires
+
+
+def _pattern_rx(pattern: str) -> re.Pattern:
+    """``bounce-*@em.vendor.example``: ``*`` matches any run of characters other than ``@``."""
+    return re.compile("[^@]*".join(re.escape(part) for part in pattern.split("*")) + r"\Z")
+
+
+@functools.lru_cache(maxsize=4096)
+def globs_intersect(a: str, b: str) -> bool:
+    """Can some string match both glob patterns (``*`` wildcards only)?"""
+    if not a and not b:
+        return True
+    if a and a[0] == "*":
+        return globs_intersect(a[1:], b) or (bool(b) and globs_intersect(a, b[1:]))
+    if b and b[0] == "*":
+        return globs_intersect(a, b[1:]) or (bool(a) and globs_intersect(a[1:], b))
+    return bool(a) and bool(b) and a[0] == b[0] and globs_intersect(a[1:], b[1:])
+
+
+def load_sender(path: Path) -> Sender:
+    data = read_toml(path)
+    checks = data.pop("checks", {})
+    from gateway.checks import CHECK_NAMES
+
+    return build(Sender, data, path, file=path,
+                 checks=parse_checks(checks, path, "checks", CHECK_NAMES))
+
+
+class Registry:
+    """All registered senders, validated together, with the look-ups identification needs."""
+
+    def __init__(self, senders: list[Sender] | tuple[Sender, ...]) -> None:
+        self.senders = tuple(sorted(senders, key=lambda s: s.id))
+        self.by_id: dict[str, Sender] = {}
+        self.by_username: dict[str, Sender] = {}
+        for s in self.senders:
+            where = s.file or "<registry>"
+            if s.id in self.by_id:
+                raise ConfigError(where, "id", f"duplicate sender id {s.id!r} "
+                                              f"(also in {self.by_id[s.id].file})")
+            self.by_id[s.id] = s
+            if s.auth:
+                other = self.by_username.get(s.auth.username)
+                if other:
+                    raise ConfigError(where, "auth.username", f"{s.auth.username!r} is also "
+                                                             f"used by sender {other.id!r}")
+                self.by_username[s.auth.username] = s
+        for i, a in enumerate(self.senders):
+            for b in self.senders[i + 1:]:
+                for pa in a.patterns:
+                    for pb in b.patterns:
+                        if globs_intersect(pa, pb):
+                            raise ConfigError(
+                                b.file or "<registry>", "return_path",
+                                f"{pb!r} can match the same address as {pa!r} of sender "
+                                f"{a.id!r}; the return-path must identify one sender")
+
+    def for_ip(self, ip) -> tuple[Sender, ...]:
+        return tuple(s for s in self.senders if s.has_ip(ip))
+
+    def __len__(self) -> int:
+        return len(self.senders)
+
+
+def load_registry(directory: Path) -> Registry:
+    if not directory.is_dir():
+        raise ConfigError(directory, "", "sender directory not found")
+    return Registry([load_sender(p) for p in sorted(directory.glob("*.toml"))])

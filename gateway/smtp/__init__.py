@@ -1,0 +1,1 @@
+"""The SMTP front: aiosmtpd server, session hooks, address parsing and reply formatting."""

@@ -1,0 +1,283 @@
+"""The SMTP session hooks: identification at MAIL, relay control at RCPT, checks and the
+before-queue relay at DATA. aiosmtpd finds the ``handle_*`` hooks by name.
+
+Lifetimes follow aiosmtpd: per-connection facts live on the Session, per-transaction ones on the
+Envelope (``envelope.gateway``, a :class:`Transaction`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import TYPE_CHECKING
+
+import structlog
+from aiosmtpd.smtp import LoginPassword
+
+from gateway.checks.base import Context, Stage
+from gateway.checks.identity import identify
+from gateway.checks.pipeline import Outcome, Pipeline
+from gateway.passwords import hash_password, verify_password
+from gateway.relay.base import Transaction as UpstreamTransaction
+from gateway.relay.base import Upstream, UpstreamError
+from gateway.smtp.address import AddressError, DomainSet, parse_mailbox
+from gateway.smtp.replies import Reply
+from gateway.smtp.server import NULL_PATH
+
+if TYPE_CHECKING:
+    from gateway.clock import Clock
+    from gateway.config import Config
+    from gateway.maillog import MailLog
+    from gateway.metrics import Metrics
+    from gateway.senders import Registry
+
+log = structlog.get_logger("gateway.smtp")
+_HEADERS = BytesHeaderParser(policy=compat32)
+_DUMMY_HASH = hash_password("not-a-password", ln=10)
+
+
+@dataclass
+class Transaction:
+    """One mail transaction: from an accepted MAIL FROM to the reply to the final dot."""
+
+    queue_id: str
+    ctx: Context
+    upstream: UpstreamTransaction
+    outcome: Outcome
+    started: float
+    refused: list[str] = field(default_factory=list)
+
+
+def _sender_label(ctx: Context) -> str:
+    return ctx.sender.id if ctx.sender is not None else "unknown"
+
+
+class Handler:
+    def __init__(self, *, config: Config, registry: Registry, pipeline: Pipeline,
+                 upstream: Upstream, clock: Clock, maillog: MailLog, metrics: Metrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.pipeline = pipeline
+        self.upstream = upstream
+        self.clock = clock
+        self.maillog = maillog
+        self.metrics = metrics
+        self.university = DomainSet(config.university.domains)
+        self.hostname = config.server.hostname
+        self._tasks: set[asyncio.Task] = set()
+        self._auth_cache: OrderedDict[bytes, str] = OrderedDict()
+        self._auth_cache_key = secrets.token_bytes(32)
+
+    # --- session lifetime (called by GatewaySMTP) -----------------------------------------
+
+    def session_opened(self, session) -> None:
+        session.gateway_id = secrets.token_hex(4)
+        self.metrics.sessions.inc()
+        self.metrics.connections.inc()
+        self.maillog.connected(session.gateway_id, self._ip_text(session))
+
+    def session_closed(self, session) -> None:
+        self.metrics.sessions.dec()
+
+    def transaction_dropped(self, session, txn: Transaction) -> None:
+        """The client left the transaction (RSET, EHLO, QUIT, disconnect, refused DATA)."""
+        task = asyncio.get_running_loop().create_task(txn.upstream.abort())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @staticmethod
+    def _ip_text(session) -> str:
+        return str(session.peer[0]) if session.peer else "?"
+
+    def _client_ip(self, session):
+        ip = ipaddress.ip_address(str(session.peer[0]).split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return ip
+
+    # --- AUTH -----------------------------------------------------------------------------
+
+    async def verify_credentials(self, session, creds: LoginPassword) -> str | None:
+        """The sender username when the password is right; verified in a worker thread."""
+        try:
+            username = creds.login.decode()
+        except UnicodeDecodeError:
+            username = ""
+        sender = self.registry.by_username.get(username)
+        encoded = sender.auth.password_hash if sender and sender.auth else _DUMMY_HASH
+        token = hmac.new(self._auth_cache_key, creds.login + b"\0" + creds.password + b"\0"
+                         + encoded.encode(), hashlib.sha256).digest()
+        if sender is not None and self._auth_cache.get(token) == username:
+            self._auth_cache.move_to_end(token)
+            return username
+        ok = await asyncio.to_thread(verify_password, creds.password, encoded)
+        if ok and sender is not None:
+            self._auth_cache[token] = username
+            if len(self._auth_cache) > 1024:
+                self._auth_cache.popitem(last=False)
+            return username
+        self.maillog.auth_failed(session.gateway_id, self._ip_text(session), username)
+        return None
+
+    # --- SMTP hooks -----------------------------------------------------------------------
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        last = responses.pop()
+        responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        mail_from = "" if address == NULL_PATH else address
+        if mail_from:
+            try:
+                mail_from = str(parse_mailbox(mail_from))
+            except AddressError as exc:
+                return f"553 5.1.7 Bad sender address <{address}>: {exc}"
+        ctx = Context(client_ip=self._client_ip(session), helo=session.host_name or "",
+                      tls=session.ssl is not None,
+                      auth_user=session.auth_data if session.authenticated else None,
+                      mail_from=mail_from)
+        identify(ctx, self.registry)
+        outcome = await self.pipeline.run(Stage.MAIL, ctx)
+        self._count_monitored(outcome)
+        verdict = outcome.verdict
+        if not verdict.accepted:
+            self._decide(session, ctx, outcome, verdict.action, verdict.reason, verdict.reply,
+                         stage="mail", decided_by=outcome.decided_by)
+            return str(verdict.reply)
+        eightbit = "BODY=8BITMIME" in mail_options
+        size = next((int(o[5:]) for o in mail_options if o.startswith("SIZE=")
+                     and o[5:].isdigit()), None)
+        try:
+            upstream_txn = await self.upstream.begin(mail_from, eightbit, size)
+        except UpstreamError as exc:
+            self.metrics.upstream_reply("mail", exc.reply.code)
+            action = "defer" if exc.reply.transient else "reject"
+            self._decide(session, ctx, outcome, action, "upstream", exc.reply, stage="mail",
+                         decided_by="upstream")
+            return str(exc.reply)
+        envelope.gateway = Transaction(queue_id=secrets.token_hex(6).upper(), ctx=ctx,
+                                       upstream=upstream_txn, outcome=outcome,
+                                       started=time.perf_counter())
+        envelope.mail_from = mail_from
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        txn: Transaction | None = getattr(envelope, "gateway", None)
+        if txn is None:
+            return "503 5.5.1 Need MAIL command"
+        ctx = txn.ctx
+        reply, reason = await self._rcpt(txn, address, len(envelope.rcpt_tos))
+        if reply.ok:
+            envelope.rcpt_tos.append(ctx.recipients[-1])
+        else:
+            txn.refused.append(address)
+            self.metrics.recipients.labels(_sender_label(ctx), "refused").inc()
+            self.maillog.rcpt_refused(session.gateway_id, str(ctx.client_ip),
+                                      ctx.sender.id if ctx.sender else None, address,
+                                      str(reply), reason)
+        return str(reply)
+
+    async def _rcpt(self, txn: Transaction, address: str, count: int) -> tuple[Reply, str]:
+        if count >= self.config.server.max_recipients:
+            return Reply(452, "4.5.3", "Too many recipients"), "too_many_recipients"
+        if address == NULL_PATH:
+            return Reply(550, "5.7.1", "Relaying denied: empty recipient"), "relay_denied"
+        try:
+            mailbox = parse_mailbox(address)
+        except AddressError as exc:
+            return Reply(550, "5.7.1", f"Relaying denied: {exc}"), "relay_denied"
+        if mailbox.domain not in self.university:
+            return (Reply(550, "5.7.1", f"Relaying denied: {mailbox.domain} is not a university "
+                                        "domain"), "relay_denied")
+        reply = await txn.upstream.rcpt(str(mailbox))
+        self.metrics.upstream_reply("rcpt", reply.code)
+        if reply.ok:
+            txn.ctx.recipients.append(str(mailbox))
+        return reply, "upstream"
+
+    async def handle_DATA(self, server, session, envelope):
+        txn: Transaction | None = getattr(envelope, "gateway", None)
+        if txn is None:
+            return "503 5.5.1 Need MAIL command"
+        ctx, outcome = txn.ctx, txn.outcome
+        content: bytes = envelope.original_content
+        ctx.size = len(content)
+        ctx.message = _HEADERS.parsebytes(content)
+        outcome = await self.pipeline.run(Stage.DATA, ctx, outcome)
+        self._count_monitored(outcome)
+        verdict = outcome.verdict
+        if not verdict.accepted:
+            await txn.upstream.abort()
+            envelope.gateway = None
+            self._decide(session, ctx, outcome, verdict.action, verdict.reason, verdict.reply,
+                         stage="data", decided_by=outcome.decided_by, txn=txn)
+            return str(verdict.reply)
+        head = self._received(session, ctx, txn.queue_id)
+        head += b"".join(f"{name}: {value}\r\n".encode() for name, value in outcome.headers)
+        started = time.perf_counter()
+        reply = await txn.upstream.data(head + content)
+        envelope.gateway = None  # finished; a cancelled hook leaves it for the abort on close
+        self.metrics.relay_seconds.observe(time.perf_counter() - started)
+        self.metrics.upstream_reply("data", reply.code)
+        if reply.ok:
+            self.metrics.bytes.inc(len(content))
+            action, reason = "accept", "relayed"
+        else:
+            action, reason = ("defer" if reply.transient else "reject"), "upstream"
+        self._decide(session, ctx, outcome, action, reason, reply, stage="data",
+                     decided_by="upstream" if not reply.ok else None, txn=txn)
+        return str(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("internal_error", error=repr(error), exc_info=error)
+        return "451 4.3.0 Internal error; try again later"
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _received(self, session, ctx: Context, queue_id: str) -> bytes:
+        proto = "ESMTP" + ("S" if ctx.tls else "") + ("A" if ctx.auth_user else "")
+        only = f"\r\n\tfor <{ctx.recipients[0]}>" if len(ctx.recipients) == 1 else ""
+        date = email.utils.format_datetime(self.clock.now())
+        helo = (ctx.helo or "unknown").replace("\r", "").replace("\n", "")[:255]
+        return (f"Received: from {helo} ([{ctx.client_ip}])\r\n\tby {self.hostname} "
+                f"(ecomm-gateway) with {proto} id {queue_id}{only};\r\n\t{date}\r\n").encode()
+
+    def _count_monitored(self, outcome: Outcome) -> None:
+        for name, verdict in outcome.monitored:
+            self.metrics.monitored.labels(name, verdict.action).inc()
+
+    def _decide(self, session, ctx: Context, outcome: Outcome, action: str, reason: str,
+                reply: Reply | None, *, stage: str, decided_by: str | None,
+                txn: Transaction | None = None) -> None:
+        sender = _sender_label(ctx)
+        self.metrics.messages.labels(sender, action, reason).inc()
+        if stage == "data":
+            self.metrics.recipients.labels(sender, action).inc(len(ctx.recipients))
+        message_id = ctx.message.get("Message-ID", "") if ctx.message is not None else ""
+        self.maillog.decision(
+            session=session.gateway_id, queue_id=txn.queue_id if txn else None,
+            sender=ctx.sender.id if ctx.sender else None, client_ip=str(ctx.client_ip),
+            auth=ctx.auth_user, tls=ctx.tls, mail_from=ctx.mail_from,
+            message_id=message_id.strip()[:200], size=ctx.size, recipients=ctx.recipients,
+            recipient_count=len(ctx.recipients), stage=stage, decision=action, reason=reason,
+            decided_by=decided_by, reply=str(reply) if reply else None,
+            monitored=[{"check": n, "would": v.action, "reason": v.reason}
+                       for n, v in outcome.monitored] or None,
+            checks_ms=outcome.timings_ms,
+            elapsed_ms=round((time.perf_counter() - txn.started) * 1000, 3) if txn else None)

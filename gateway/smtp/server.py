@@ -1,0 +1,100 @@
+"""aiosmtpd's SMTP protocol, adapted for a relay that must be strict and say why.
+
+- every reply carries an enhanced status code (we advertise ENHANCEDSTATUSCODES; aiosmtpd's
+  built-in replies have none, so :func:`add_enhanced` supplies the standard one);
+- envelope paths are handed to the handler raw, so routing tricks are seen and refused rather
+  than silently cleaned, and ``<>`` reaches the handler instead of a 501;
+- SMTP AUTH passwords are verified off the event loop (scrypt is deliberately slow);
+- an upstream transaction left open by RSET, EHLO, a refused DATA or a dropped connection is
+  aborted, so the pooled upstream connection is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from gateway.smtp.address import split_path
+from gateway.smtp.replies import add_enhanced
+
+NULL_PATH = "<>"
+
+
+class GatewaySMTP(SMTP):
+    def __init__(self, handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and not self._counted
+        super().connection_made(transport)
+        if first:
+            self._counted = True
+            self.event_handler.session_opened(self.session)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._close_transaction()
+        if self._counted:
+            self._counted = False
+            self.event_handler.session_closed(self.session)
+        super().connection_lost(error)
+
+    def _set_post_data_state(self) -> None:
+        self._close_transaction()
+        super()._set_post_data_state()
+
+    def _close_transaction(self) -> None:
+        envelope = self.envelope
+        if envelope is not None and getattr(envelope, "gateway", None) is not None:
+            txn, envelope.gateway = envelope.gateway, None
+            self.event_handler.transaction_dropped(self.session, txn)
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str) and not self._greeting_reply:
+            status = add_enhanced(status)
+        await super().push(status)
+
+    # RFC 2034 section 3: no enhanced codes in the replies to HELO and EHLO.
+    _greeting_reply = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._greeting_reply = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._greeting_reply = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._greeting_reply = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._greeting_reply = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        path, rest = split_path(arg)
+        if path is None:
+            return None, None
+        return (path or NULL_PATH), rest
+
+    # AUTH: aiosmtpd parses PLAIN and LOGIN and then calls _authenticate synchronously; we let
+    # it parse, then verify the credentials in a worker thread.
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+    async def _verified(self, result: AuthResult) -> AuthResult:
+        creds = result.auth_data
+        if result.success or not isinstance(creds, LoginPassword):
+            return result
+        username = await self.event_handler.verify_credentials(self.session, creds)
+        if username is None:
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=username)
+
+    async def auth_PLAIN(self, _, args) -> AuthResult:
+        return await self._verified(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _, args) -> AuthResult:
+        return await self._verified(await super().auth_LOGIN(_, args))
