@@ -116,7 +116,7 @@ class Gateway:
 
 
 async def serve(config: Config) -> None:
-    registry = load_registry(config.path(config.senders.dir))
+    registry = load_registry(config.path(config.senders.dir), config.checks)
     gateway = Gateway(config, registry)
     await gateway.start()
     stop = asyncio.Event()

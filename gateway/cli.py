@@ -20,7 +20,7 @@ def _load(args) -> tuple[Config, "Registry"]:  # noqa: F821
     from gateway.senders import load_registry
 
     config = load_config(args.config)
-    return config, load_registry(config.path(config.senders.dir))
+    return config, load_registry(config.path(config.senders.dir), config.checks)
 
 
 def cmd_serve(args) -> int:
@@ -109,7 +109,7 @@ def cmd_senders_add(args) -> int:
     tmp = directory / f".{args.id}.toml.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     try:
-        sender = load_sender(tmp)
+        sender = load_sender(tmp, config.checks)
         Registry([*registry.senders, sender])
     except ConfigError as exc:
         tmp.unlink()

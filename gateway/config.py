@@ -21,12 +21,12 @@ Mode = Literal["enforce", "monitor", "off"]
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    """``"127.0.0.1:2525"`` or ``"[::1]:2525"`` -> (host, port); ValueError when malformed."""
+    """``"127.0.0.1:2525"`` or ``"[::1]:2525"`` -> (host, port); port 0 picks a free port."""
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{text!r} is not host:port (IPv6 as [addr]:port)")
     return host, int(port)
 
@@ -184,25 +184,39 @@ class Config:
         p = Path(p)
         return p if p.is_absolute() else self.base_dir / p
 
-    def mode(self, check: str) -> Mode:
-        return self.checks.get(check, CheckSettings()).mode
+    def check_settings(self, check: str) -> CheckSettings:
+        """The global ``[checks.NAME]`` settings, or the check's defaults."""
+        if check in self.checks:
+            return self.checks[check]
+        from gateway.checks import CHECK_SETTINGS
+
+        return CHECK_SETTINGS[check]()
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("file", "checks")}
 
 
-def parse_checks(table, file, prefix: str, known: frozenset[str]) -> dict[str, CheckSettings]:
-    """``[checks.NAME]`` tables, each naming a known check, into CheckSettings."""
+def parse_checks(table, file, prefix: str,
+                 base: dict[str, CheckSettings] | None = None) -> dict[str, CheckSettings]:
+    """``[checks.NAME]`` tables, each naming a known check, into that check's Settings.
+
+    With ``base`` (a sender's file over the global settings) only the keys given change.
+    """
+    from gateway.checks import CHECK_SETTINGS
+
     if not isinstance(table, dict):
         raise ConfigError(file, prefix, "expected a table of [checks.NAME] tables")
     out = {}
     for name, value in table.items():
-        if name not in known:
-            raise ConfigError(file, f"{prefix}.{name}",
-                              f"unknown check (known checks: {', '.join(sorted(known))})")
+        if name not in CHECK_SETTINGS:
+            raise ConfigError(file, f"{prefix}.{name}", "unknown check (known checks: "
+                              f"{', '.join(sorted(CHECK_SETTINGS))})")
         if not isinstance(value, dict):
             raise ConfigError(file, f"{prefix}.{name}", "expected a table, e.g. mode = \"monitor\"")
-        out[name] = build(CheckSettings, value, file, f"{prefix}.{name}")
+        settings = build(CHECK_SETTINGS[name], value, file, f"{prefix}.{name}")
+        if base is not None and name in base:
+            settings = dataclasses.replace(base[name], **{k: getattr(settings, k) for k in value})
+        out[name] = settings
     return out
 
 
@@ -219,15 +233,13 @@ def read_toml(path: Path) -> dict:
 
 
 def load_config(path: str | Path) -> Config:
-    from gateway.checks import CHECK_NAMES
-
     path = Path(path).resolve()
     data = read_toml(path)
     hints = {f.name: f.type for f in dataclasses.fields(Config)}
     values = {}
     for key, value in data.items():
         if key == "checks":
-            values["checks"] = parse_checks(value, path, "checks", CHECK_NAMES)
+            values["checks"] = parse_checks(value, path, "checks")
         elif key in SECTIONS:
             cls = globals()[hints[key]] if isinstance(hints[key], str) else hints[key]
             if not isinstance(value, dict):

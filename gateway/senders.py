@@ -120,13 +120,12 @@ def globs_intersect(a: str, b: str) -> bool:
     return bool(a) and bool(b) and a[0] == b[0] and globs_intersect(a[1:], b[1:])
 
 
-def load_sender(path: Path) -> Sender:
+def load_sender(path: Path, base_checks: dict[str, CheckSettings] | None = None) -> Sender:
+    """One sender file; its ``[checks.NAME]`` tables override ``base_checks`` key by key."""
     data = read_toml(path)
     checks = data.pop("checks", {})
-    from gateway.checks import CHECK_NAMES
-
     return build(Sender, data, path, file=path,
-                 checks=parse_checks(checks, path, "checks", CHECK_NAMES))
+                 checks=parse_checks(checks, path, "checks", base_checks or {}))
 
 
 class Registry:
@@ -165,7 +164,7 @@ class Registry:
         return len(self.senders)
 
 
-def load_registry(directory: Path) -> Registry:
+def load_registry(directory: Path, base_checks: dict[str, CheckSettings] | None = None) -> Registry:
     if not directory.is_dir():
         raise ConfigError(directory, "", "sender directory not found")
-    return Registry([load_sender(p) for p in sorted(directory.glob("*.toml"))])
+    return Registry([load_sender(p, base_checks) for p in sorted(directory.glob("*.toml"))])

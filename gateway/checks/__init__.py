@@ -6,7 +6,7 @@ from gateway.checks.registration import Registration
 from gateway.checks.return_path import ReturnPath
 
 CHECKS: tuple[type[Check], ...] = (Identity, Registration, ReturnPath)
-CHECK_NAMES = frozenset(c.name for c in CHECKS)
+CHECK_SETTINGS = {c.name: c.Settings for c in CHECKS}
 
-__all__ = ["ACCEPT", "CHECKS", "CHECK_NAMES", "Check", "Context", "Deps", "Stage", "Verdict",
+__all__ = ["ACCEPT", "CHECKS", "CHECK_SETTINGS", "Check", "Context", "Deps", "Stage", "Verdict",
            "defer", "reject"]

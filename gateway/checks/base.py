@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from gateway.config import CheckSettings
 from gateway.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ class Context:
     recipients: list[str] = field(default_factory=list)
     sender: Sender | None = None
     candidates: tuple[Sender, ...] = ()
-    message: Message | None = None
+    message: Message | None = None  # the whole MIME tree, parsed once (compat32) at DATA
+    raw: bytes = b""  # the message as received, before the gateway's own headers
     size: int = 0
 
 
@@ -79,12 +81,23 @@ class Deps:
 
 
 class Check:
+    """A policy control. Subclasses set ``name``, ``stage``, ``description`` and, when they take
+    options beyond ``mode``, a ``Settings`` dataclass deriving from CheckSettings (its fields and
+    defaults are the check's schema for ``[checks.NAME]`` in gateway.toml and sender files)."""
+
     name: ClassVar[str]
     stage: ClassVar[Stage]
     description: ClassVar[str] = ""
+    Settings: ClassVar[type[CheckSettings]] = CheckSettings
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
+
+    def settings(self, ctx: Context) -> CheckSettings:
+        """This check's settings for the transaction: the sender's own, else the global ones."""
+        if ctx.sender is not None and self.name in ctx.sender.checks:
+            return ctx.sender.checks[self.name]
+        return self.deps.config.check_settings(self.name)
 
     async def check(self, ctx: Context) -> Verdict:  # pragma: no cover - interface
         raise NotImplementedError

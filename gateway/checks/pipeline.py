@@ -23,16 +23,11 @@ class Pipeline:
         self.by_stage = {stage: [c for c in checks if c.stage is stage] for stage in Stage}
         self.observe = observe or (lambda name, seconds: None)
 
-    def mode(self, check: Check, ctx: Context) -> str:
-        if ctx.sender is not None and check.name in ctx.sender.checks:
-            return ctx.sender.checks[check.name].mode
-        return self.deps.config.mode(check.name)
-
     async def run(self, stage: Stage, ctx: Context, outcome: Outcome | None = None) -> Outcome:
         """Run ``stage``'s checks; the first enforced non-accept verdict ends the run."""
         outcome = outcome or Outcome()
         for check in self.by_stage[stage]:
-            mode = self.mode(check, ctx)
+            mode = check.settings(ctx).mode
             if mode == "off":
                 continue
             started = time.perf_counter()

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
+from email.parser import BytesParser
 from email.policy import compat32
 from typing import TYPE_CHECKING
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from gateway.senders import Registry
 
 log = structlog.get_logger("gateway.smtp")
-_HEADERS = BytesHeaderParser(policy=compat32)
+_PARSER = BytesParser(policy=compat32)  # parsed once per message, shared by every check
 _DUMMY_HASH = hash_password("not-a-password", ln=10)
 
 
@@ -218,7 +218,8 @@ class Handler:
         ctx, outcome = txn.ctx, txn.outcome
         content: bytes = envelope.original_content
         ctx.size = len(content)
-        ctx.message = _HEADERS.parsebytes(content)
+        ctx.raw = content
+        ctx.message = _PARSER.parsebytes(content)
         outcome = await self.pipeline.run(Stage.DATA, ctx, outcome)
         self._count_monitored(outcome)
         verdict = outcome.verdict

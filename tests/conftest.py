@@ -1,0 +1,239 @@
+"""Test fixtures: a real gateway listening on loopback, a real aiosmtpd upstream that records
+what it receives, configuration written as real files, and a clock the tests move by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import json
+import smtplib
+import socket
+import textwrap
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from prometheus_client import CollectorRegistry
+
+from gateway.app import Gateway
+from gateway.clock import FakeClock
+from gateway.config import load_config
+from gateway.maillog import configure_logging
+from gateway.senders import load_registry
+
+EXAMPLE_SENDER = """
+id = "acme"
+organization = "Acme Marketing Cloud"
+contact = "postmaster@acme.example"
+networks = ["127.0.0.1/32", "::1/128"]
+domains = ["em.acme.example"]
+return_path = ["bounce-*@em.acme.example"]
+expires = 2027-06-30
+"""
+
+MESSAGE = (b"From: Acme News <news@em.acme.example>\r\n"
+           b"To: Alice <alice@example.edu>\r\n"
+           b"Subject: Hello\r\n"
+           b"Message-ID: <m1@em.acme.example>\r\n"
+           b"\r\n"
+           b"Hello, world.\r\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    mail_options: list[str]
+
+
+class SinkHandler:
+    """An upstream that records messages; tests set refusals and replies per stage."""
+
+    def __init__(self) -> None:
+        self.messages: list[Received] = []
+        self.refuse_rcpt: dict[str, str] = {}
+        self.mail_reply: str | None = None
+        self.data_reply: str | None = None
+        self.rcpt_seen: list[str] = []
+        self.connections = 0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.rcpt_seen.append(address)
+        if address in self.refuse_rcpt:
+            return self.refuse_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                      envelope.original_content, list(envelope.mail_options)))
+        return f"250 2.0.0 Ok: queued as SINK{len(self.messages)}"
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.handler = SinkHandler()
+        self.port = free_port()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+@pytest.fixture
+def sink():
+    s = Sink()
+    yield s
+    s.stop()
+
+
+class RunningGateway:
+    """A Gateway on its own event loop in a thread, so tests can use blocking SMTP clients."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(gateway.start())
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def port(self) -> int:
+        return self.gateway.smtp_addresses[0][1]
+
+    @property
+    def admin_url(self) -> str:
+        host, port = self.gateway.admin_address
+        return f"http://{host}:{port}"
+
+    def smtp(self, host: str = "127.0.0.1") -> smtplib.SMTP:
+        client = smtplib.SMTP(host, self.port, timeout=30)
+        client.ehlo("client.test")
+        return client
+
+    def metric(self, name: str, **labels) -> float:
+        value = self.gateway.metrics_registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def stop(self) -> None:
+        try:
+            self.call(self.gateway.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@dataclass
+class GatewayFactory:
+    tmp_path: Path
+    clock: FakeClock = field(default_factory=lambda: FakeClock(
+        dt.datetime(2026, 11, 2, 15, 0, tzinfo=dt.timezone.utc)))
+    running: list[RunningGateway] = field(default_factory=list)
+
+    def write(self, toml: str = "", senders: dict[str, str] | None = None,
+              upstream: str | None = None) -> Path:
+        base = self.tmp_path / "gw"
+        (base / "senders").mkdir(parents=True, exist_ok=True)
+        for name, text in (senders if senders is not None else {"acme": EXAMPLE_SENDER}).items():
+            (base / "senders" / f"{name}.toml").write_text(textwrap.dedent(text))
+        sections = textwrap.dedent(toml)
+        head = ""
+        if "[server]" not in sections:
+            head += '[server]\nlisten = ["127.0.0.1:0"]\nhostname = "gw.test"\n'
+        if "[admin]" not in sections:
+            head += '[admin]\nlisten = "127.0.0.1:0"\n'
+        if "[upstream]" not in sections:
+            head += f'[upstream]\nurl = "{upstream or "maildir:maildir"}"\n'
+        if "[state]" not in sections:
+            head += '[state]\nurl = "memory:"\n'
+        if "[senders]" not in sections:
+            head += '[senders]\ndir = "senders"\n'
+        path = base / "gateway.toml"
+        path.write_text(head + sections)
+        return path
+
+    def start(self, toml: str = "", senders: dict[str, str] | None = None,
+              upstream: str | None = None) -> RunningGateway:
+        path = self.write(toml, senders, upstream)
+        config = load_config(path)
+        registry = load_registry(config.path(config.senders.dir), config.checks)
+        gw = RunningGateway(Gateway(config, registry, clock=self.clock,
+                                    metrics_registry=CollectorRegistry()))
+        self.running.append(gw)
+        return gw
+
+
+@pytest.fixture
+def gateways(tmp_path):
+    factory = GatewayFactory(tmp_path)
+    yield factory
+    for gw in factory.running:
+        gw.stop()
+
+
+class LogCapture:
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def logs():
+    """Every test logs JSON into memory (structlog is configured per process)."""
+    capture = LogCapture()
+    configure_logging("debug", "json", stream=capture.stream)
+    return capture
+
+
+def send(gw: RunningGateway, mail_from="bounce-1@em.acme.example", rcpts=("alice@example.edu",),
+         message: bytes = MESSAGE):
+    """Send one message; return (client, the reply to the final dot or the first refusal)."""
+    client = gw.smtp()
+    code, text = client.mail(mail_from)
+    if code != 250:
+        return client, (code, text)
+    for r in rcpts:
+        code, text = client.rcpt(r)
+        if code >= 400:
+            return client, (code, text)
+    return client, client.data(message)
