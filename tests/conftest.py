@@ -65,7 +65,17 @@ class SinkHandler:
         self.mail_reply: str | None = None
         self.data_reply: str | None = None
         self.rcpt_seen: list[str] = []
-        self.connections = 0
+        self.ehlos = 0
+        self.rsets = 0
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        self.ehlos += 1
+        session.host_name = hostname
+        return responses
+
+    async def handle_RSET(self, server, session, envelope):
+        self.rsets += 1
+        return "250 2.0.0 OK"
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_reply:
@@ -215,6 +225,19 @@ class LogCapture:
 
     def text(self) -> str:
         return self.stream.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate and key for STARTTLS, made with the openssl command."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=gw.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 @pytest.fixture(autouse=True)

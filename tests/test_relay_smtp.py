@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import smtplib
+import pytest
 
 from tests.conftest import MESSAGE, send
 
@@ -26,3 +26,134 @@ def test_accepted_message_arrives_upstream_and_reply_is_upstreams(gateways, sink
     assert "alice@example.edu" not in logs.text()
     assert gw.metric("gateway_messages_total", sender="acme", decision="accept",
                      reason="relayed") == 1
+
+
+def test_connection_is_pooled_across_messages_and_sessions(gateways, sink):
+    gw = gateways.start(upstream=sink.url)
+    for _ in range(3):
+        client = gw.smtp()
+        for i in range(3):
+            client.sendmail(f"bounce-{i}@em.acme.example", ["alice@example.edu"], MESSAGE)
+        client.quit()
+    assert len(sink.messages) == 9
+    assert sink.handler.ehlos == 1  # one upstream connection served all nine messages
+
+
+def test_upstream_unreachable_is_451_4_4_1_and_nothing_is_acknowledged(gateways, logs):
+    from tests.conftest import free_port
+
+    gw = gateways.start(upstream=f"smtp://127.0.0.1:{free_port()}")
+    client = gw.smtp()
+    assert client.mail("bounce-1@em.acme.example") == (
+        451, b"4.4.1 Campus mail is unavailable; try again later")
+    client.quit()
+    [line] = logs.events("message")
+    assert line["decision"] == "defer" and line["decided_by"] == "upstream"
+
+
+def test_failover_to_the_next_host(gateways, sink):
+    from tests.conftest import free_port
+
+    dead = f"smtp://127.0.0.1:{free_port()}"
+    gw = gateways.start(f'[upstream]\nurl = "{dead}"\nhosts = ["{sink.url}"]\n')
+    client, (code, text) = send(gw)
+    client.quit()
+    assert (code, text) == (250, b"2.0.0 Ok: queued as SINK1")
+    assert len(sink.messages) == 1
+
+
+def test_upstream_mail_refusal_passed_through(gateways, sink):
+    sink.handler.mail_reply = "550 5.1.8 Sender domain rejected by campus"
+    gw = gateways.start(upstream=sink.url)
+    client = gw.smtp()
+    assert client.mail("bounce-1@em.acme.example") == (
+        550, b"5.1.8 Sender domain rejected by campus")
+    client.quit()
+
+
+def test_per_recipient_upstream_refusal_passed_through_per_recipient(gateways, sink, logs):
+    sink.handler.refuse_rcpt["gone@example.edu"] = "550 5.1.1 <gone@example.edu>: user unknown"
+    sink.handler.refuse_rcpt["full@example.edu"] = "452 4.2.2 Mailbox full"
+    gw = gateways.start(upstream=sink.url)
+    client = gw.smtp()
+    client.mail("bounce-1@em.acme.example")
+    assert client.rcpt("alice@example.edu") == (250, b"2.1.5 OK")
+    assert client.rcpt("gone@example.edu") == (550, b"5.1.1 <gone@example.edu>: user unknown")
+    assert client.rcpt("full@example.edu") == (452, b"4.2.2 Mailbox full")
+    assert client.data(MESSAGE) == (250, b"2.0.0 Ok: queued as SINK1")
+    client.quit()
+    assert sink.messages[0].rcpt_tos == ["alice@example.edu"]
+    refused = logs.events("rcpt_refused")
+    assert [r["reason"] for r in refused] == ["upstream", "upstream"]
+    assert "gone@example.edu" not in logs.text()
+
+
+@pytest.mark.parametrize("reply, code, text", [
+    ("451 4.3.0 Queue full, try later", 451, b"4.3.0 Queue full, try later"),
+    ("554 5.6.0 Content refused", 554, b"5.6.0 Content refused"),
+    ("550 Message rejected", 550, b"5.7.1 Message rejected"),
+])
+def test_upstream_data_reply_is_the_clients_reply(gateways, sink, logs, reply, code, text):
+    sink.handler.data_reply = reply
+    gw = gateways.start(upstream=sink.url)
+    client, got = send(gw)
+    client.quit()
+    assert got == (code, text)
+    [line] = logs.events("message")
+    assert line["decision"] == ("defer" if code < 500 else "reject")
+    assert gw.metric("gateway_upstream_replies_total", stage="data", **{"class": f"{code // 100}xx"}) == 1
+
+
+def test_multiline_upstream_reply_passed_through(gateways, sink):
+    sink.handler.data_reply = "554-5.7.1 Refused by campus policy\r\n554 5.7.1 See the mail desk"
+    gw = gateways.start(upstream=sink.url)
+    client, got = send(gw)
+    client.quit()
+    assert got == (554, b"5.7.1 Refused by campus policy\n5.7.1 See the mail desk")
+
+
+def test_rset_mid_transaction_resets_upstream_and_nothing_is_relayed(gateways, sink):
+    gw = gateways.start(upstream=sink.url)
+    client = gw.smtp()
+    client.mail("bounce-1@em.acme.example")
+    client.rcpt("alice@example.edu")
+    assert client.rset() == (250, b"2.0.0 OK")
+    client.sendmail("bounce-2@em.acme.example", ["bob@example.edu"], MESSAGE)
+    client.quit()
+    assert [m.rcpt_tos for m in sink.messages] == [["bob@example.edu"]]
+    assert sink.handler.rsets == 1 and sink.handler.ehlos == 1
+
+
+def test_clients_vanishing_mid_transaction_do_not_leak_upstream_connections(gateways, sink):
+    gw = gateways.start(f'[upstream]\nurl = "{sink.url}"\npool_size = 2\n')
+    for _ in range(5):  # more abandoned transactions than pool slots
+        client = gw.smtp()
+        client.mail("bounce-1@em.acme.example")
+        client.rcpt("alice@example.edu")
+        client.close()
+    client, (code, _) = send(gw)
+    client.quit()
+    assert code == 250 and len(sink.messages) == 1
+
+
+def test_maildir_delivery_is_atomic_and_carries_envelope(gateways, logs):
+    gw = gateways.start()
+    client, (code, text) = send(gw, rcpts=("alice@example.edu", "bob@example.edu"))
+    client.quit()
+    assert code == 250 and text.startswith(b"2.0.0 Ok: delivered as ")
+    maildir = gateways.tmp_path / "gw" / "maildir"
+    assert list((maildir / "tmp").iterdir()) == []
+    [path] = list((maildir / "new").iterdir())
+    data = path.read_bytes()
+    assert data.startswith(b"Return-Path: <bounce-1@em.acme.example>\nDelivered-To: alice@example.edu\n"
+                           b"Delivered-To: bob@example.edu\nReceived: from client.test ([127.0.0.1])\n")
+    assert data.endswith(b"Subject: Hello\nMessage-ID: <m1@em.acme.example>\n\nHello, world.\n")
+
+
+def test_dot_stuffed_lines_survive_the_relay(gateways, sink):
+    gw = gateways.start(upstream=sink.url)
+    body = MESSAGE + b".leading dot\r\n..two dots\r\n"
+    client, (code, _) = send(gw, message=body)
+    client.quit()
+    assert code == 250
+    assert sink.messages[0].content.endswith(b"Hello, world.\r\n.leading dot\r\n..two dots\r\n")

@@ -88,11 +88,12 @@ class Handler:
     def session_closed(self, session) -> None:
         self.metrics.sessions.dec()
 
-    def transaction_dropped(self, session, txn: Transaction) -> None:
+    def transaction_dropped(self, session, txn: Transaction) -> asyncio.Task:
         """The client left the transaction (RSET, EHLO, QUIT, disconnect, refused DATA)."""
         task = asyncio.get_running_loop().create_task(txn.upstream.abort())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def drain(self) -> None:
         if self._tasks:
@@ -153,7 +154,6 @@ class Handler:
                       mail_from=mail_from)
         identify(ctx, self.registry)
         outcome = await self.pipeline.run(Stage.MAIL, ctx)
-        self._count_monitored(outcome)
         verdict = outcome.verdict
         if not verdict.accepted:
             self._decide(session, ctx, outcome, verdict.action, verdict.reason, verdict.reply,
@@ -188,9 +188,11 @@ class Handler:
         else:
             txn.refused.append(address)
             self.metrics.recipients.labels(_sender_label(ctx), "refused").inc()
+            # the upstream's text may name the recipient: log its codes only
+            said = f"{reply.code} {reply.enhanced}" if reason == "upstream" else str(reply)
             self.maillog.rcpt_refused(session.gateway_id, str(ctx.client_ip),
                                       ctx.sender.id if ctx.sender else None, address,
-                                      str(reply), reason)
+                                      said, reason)
         return str(reply)
 
     async def _rcpt(self, txn: Transaction, address: str, count: int) -> tuple[Reply, str]:
@@ -221,7 +223,6 @@ class Handler:
         ctx.raw = content
         ctx.message = _PARSER.parsebytes(content)
         outcome = await self.pipeline.run(Stage.DATA, ctx, outcome)
-        self._count_monitored(outcome)
         verdict = outcome.verdict
         if not verdict.accepted:
             await txn.upstream.abort()
@@ -259,15 +260,13 @@ class Handler:
         return (f"Received: from {helo} ([{ctx.client_ip}])\r\n\tby {self.hostname} "
                 f"(ecomm-gateway) with {proto} id {queue_id}{only};\r\n\t{date}\r\n").encode()
 
-    def _count_monitored(self, outcome: Outcome) -> None:
-        for name, verdict in outcome.monitored:
-            self.metrics.monitored.labels(name, verdict.action).inc()
-
     def _decide(self, session, ctx: Context, outcome: Outcome, action: str, reason: str,
                 reply: Reply | None, *, stage: str, decided_by: str | None,
                 txn: Transaction | None = None) -> None:
         sender = _sender_label(ctx)
         self.metrics.messages.labels(sender, action, reason).inc()
+        for name, verdict in outcome.monitored:
+            self.metrics.monitored.labels(name, verdict.action).inc()
         if stage == "data":
             self.metrics.recipients.labels(sender, action).inc(len(ctx.recipients))
         message_id = ctx.message.get("Message-ID", "") if ctx.message is not None else ""
@@ -277,7 +276,10 @@ class Handler:
             auth=ctx.auth_user, tls=ctx.tls, mail_from=ctx.mail_from,
             message_id=message_id.strip()[:200], size=ctx.size, recipients=ctx.recipients,
             recipient_count=len(ctx.recipients), stage=stage, decision=action, reason=reason,
-            decided_by=decided_by, reply=str(reply) if reply else None,
+            decided_by=decided_by,
+            # an upstream's reply text may name recipients: log only its codes
+            reply=(None if reply is None else f"{reply.code} {reply.enhanced}"
+                   if decided_by == "upstream" or reason == "relayed" else str(reply)),
             monitored=[{"check": n, "would": v.action, "reason": v.reason}
                        for n, v in outcome.monitored] or None,
             checks_ms=outcome.timings_ms,

@@ -29,10 +29,13 @@ class GatewaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None and not self._counted
-        super().connection_made(transport)
+        before = self.session
+        super().connection_made(transport)  # after STARTTLS this makes a new Session (RFC 3207)
         if first:
             self._counted = True
             self.event_handler.session_opened(self.session)
+        elif before is not None:
+            self.session.gateway_id = before.gateway_id
 
     def connection_lost(self, error: Exception | None) -> None:
         self._close_transaction()
@@ -49,7 +52,17 @@ class GatewaySMTP(SMTP):
         envelope = self.envelope
         if envelope is not None and getattr(envelope, "gateway", None) is not None:
             txn, envelope.gateway = envelope.gateway, None
-            self.event_handler.transaction_dropped(self.session, txn)
+            self._pending_abort = self.event_handler.transaction_dropped(self.session, txn)
+
+    _pending_abort: asyncio.Task | None = None
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # let an abandoned transaction's upstream RSET finish first, so that its pooled
+        # connection is free for this one
+        if self._pending_abort is not None:
+            task, self._pending_abort = self._pending_abort, None
+            await asyncio.wait([task])
+        await super().smtp_MAIL(arg)
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str) and not self._greeting_reply:
