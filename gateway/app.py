@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+import weakref
 from dataclasses import dataclass, field
 
 import structlog
@@ -57,16 +58,19 @@ class Gateway:
                                upstream=self.upstream, clock=self.clock, maillog=self.maillog,
                                metrics=self.metrics)
         self.servers: list[asyncio.AbstractServer] = []
+        self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None
         self.smtp_addresses: list[tuple[str, int]] = []
         self.admin_address: tuple[str, int] | None = None
 
     def _protocol(self, tls: ssl.SSLContext | None) -> GatewaySMTP:
         s = self.config.server
-        return GatewaySMTP(self.handler, hostname=s.hostname, ident="ESMTP ecomm-gateway",
-                           data_size_limit=s.max_message_size, tls_context=tls,
-                           require_starttls=s.require_tls, auth_require_tls=True,
-                           timeout=s.timeout, loop=asyncio.get_running_loop())
+        protocol = GatewaySMTP(self.handler, hostname=s.hostname, ident="ESMTP ecomm-gateway",
+                               data_size_limit=s.max_message_size, tls_context=tls,
+                               require_starttls=s.require_tls, auth_require_tls=True,
+                               timeout=s.timeout, loop=asyncio.get_running_loop())
+        self.sessions.add(protocol)
+        return protocol
 
     async def start(self) -> None:
         from gateway.admin import admin_app
@@ -101,12 +105,27 @@ class Gateway:
             problems.append(f"state: {exc}")
         return problems
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop listening; let transactions in progress finish (up to ``grace`` seconds), so
+        that no vendor is left without the reply to a message campus mail may have taken."""
         for server in self.servers:
             server.close()
         for server in self.servers:
             await server.wait_closed()
         self.servers.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            busy = [p for p in self.sessions if p.transport is not None and p.in_transaction]
+            for p in self.sessions:
+                if p.transport is not None and p not in busy:
+                    p.transport.close()
+            if not busy or loop.time() >= deadline:
+                for p in busy:
+                    p.transport.close()
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # let the closed sessions' handlers unwind
         await self.handler.drain()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()

@@ -67,9 +67,11 @@ class SinkHandler:
         self.rcpt_seen: list[str] = []
         self.ehlos = 0
         self.rsets = 0
+        self.tls_seen: list[bool] = []
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.ehlos += 1
+        self.tls_seen.append(session.ssl is not None)
         session.host_name = hostname
         return responses
 
@@ -92,6 +94,7 @@ class SinkHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self.data_tls = session.ssl is not None or server.transport.get_extra_info("sslcontext") is not None
         if self.data_reply:
             return self.data_reply
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
@@ -100,15 +103,30 @@ class SinkHandler:
 
 
 class Sink:
-    def __init__(self) -> None:
+    """An aiosmtpd upstream on loopback. ``implicit_tls`` makes it smtps://; ``starttls`` offers
+    STARTTLS (both need a (cert, key) pair)."""
+
+    def __init__(self, implicit_tls=None, starttls=None) -> None:
+        import ssl
+
         self.handler = SinkHandler()
         self.port = free_port()
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self.scheme = "smtps" if implicit_tls else "smtp"
+        kwargs = {}
+        if implicit_tls:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(*map(str, implicit_tls))
+            kwargs["ssl_context"] = ctx
+        if starttls:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(*map(str, starttls))
+            kwargs["tls_context"] = ctx
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, **kwargs)
         self.controller.start()
 
     @property
     def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def messages(self) -> list[Received]:

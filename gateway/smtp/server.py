@@ -56,6 +56,10 @@ class GatewaySMTP(SMTP):
 
     _pending_abort: asyncio.Task | None = None
 
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and getattr(self.envelope, "gateway", None) is not None
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         # let an abandoned transaction's upstream RSET finish first, so that its pooled
         # connection is free for this one
