@@ -33,6 +33,7 @@ import asyncio
 import functools
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -113,12 +114,16 @@ def _body(length: int) -> bytes:
 
 
 def make_message(size: int, seq: int) -> bytes:
-    """A plain-text message of ``size`` bytes (CRLF lines) with unique Subject and Message-ID."""
+    """A plain-text promotional message of ``size`` bytes (CRLF lines), unique Subject and
+    Message-ID, with one-click List-Unsubscribe so that it passes the content checks too."""
     head = (f"From: Bench <news@{SENDER_DOMAIN}>\r\n"
             f"To: Student <student{seq % 1000}@{RCPT_DOMAIN}>\r\n"
             f"Subject: Benchmark message {seq}\r\n"
             f"Date: Fri, 27 Nov 2026 10:00:00 +0000\r\n"
             f"Message-ID: <bench.{seq}.{os.getpid()}@{SENDER_DOMAIN}>\r\n"
+            f"List-Unsubscribe: <https://{SENDER_DOMAIN}/u/{seq}>, "
+            f"<mailto:unsubscribe@{SENDER_DOMAIN}?subject=u{seq}>\r\n"
+            f"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
             f"MIME-Version: 1.0\r\n"
             f"Content-Type: text/plain; charset=us-ascii\r\n"
             f"\r\n").encode()
@@ -132,7 +137,7 @@ def run_load(args) -> int:
     counts = [args.n // args.c + (1 if i < args.n % args.c else 0) for i in range(args.c)]
     ready = 0
     go = asyncio.Event()
-    clock = {"t0": time.perf_counter(), "cpu0": time.process_time()}
+    clock = {"t0": time.perf_counter(), "cpu0": time.process_time(), "t1": None}
     seq = iter(range(10**9))
 
     def emit(line: str) -> None:
@@ -160,7 +165,8 @@ def run_load(args) -> int:
                     pass
             return
         if latencies is not None:
-            latencies.append(time.perf_counter() - started)
+            clock["t1"] = time.perf_counter()
+            latencies.append(clock["t1"] - started)
             result["sent"] += 1
 
     async def session(count: int) -> None:
@@ -189,11 +195,12 @@ def run_load(args) -> int:
         deadline = loop.time() + args.time_limit
         everything = asyncio.gather(*(session(k) for k in counts))
         started = asyncio.ensure_future(go.wait())
+        loop.add_signal_handler(signal.SIGTERM, everything.cancel)  # stop and report
         try:
             await asyncio.wait({started, everything}, timeout=args.time_limit,
                                return_when=asyncio.FIRST_COMPLETED)
             await asyncio.wait_for(everything, max(0.1, deadline - loop.time()))
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, asyncio.CancelledError):
             result["timed_out"] = True
         except Exception as exc:  # a session could not connect, or the server went away
             result["errors"].append(repr(exc))
@@ -204,7 +211,8 @@ def run_load(args) -> int:
             await asyncio.gather(everything, started, return_exceptions=True)
         if not go.is_set():
             emit("start")
-        result["elapsed"] = time.perf_counter() - clock["t0"]
+        # until the last reply to a final dot (QUIT and the sessions' teardown are not counted)
+        result["elapsed"] = (clock["t1"] or time.perf_counter()) - clock["t0"]
         result["cpu"] = time.process_time() - clock["cpu0"]
 
     asyncio.run(main())
@@ -231,16 +239,33 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent exits (PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
 class Children:
     """Every child process started, stopped (TERM, then KILL) when the run ends."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
         self.lock = threading.Lock()
+        self.closed = False
 
     def start(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        # Children get their own session (a Ctrl-C reaches only this process, which stops them
+        # in order) and, on Linux, SIGTERM when this process dies, however it dies.
         with self.lock:
-            proc = subprocess.Popen(argv, **kwargs)
+            if self.closed:
+                raise RuntimeError("stopping: no new processes")
+            proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent,
+                                    **kwargs)
             self.procs.append(proc)
             return proc
 
@@ -260,7 +285,9 @@ class Children:
                 self.procs.remove(proc)
 
     def stop_all(self) -> None:
-        for proc in list(self.procs):
+        with self.lock:
+            self.closed = True
+        for proc in reversed(list(self.procs)):  # the load first, the sink last
             self.stop(proc, grace=3.0)
 
 
@@ -286,11 +313,21 @@ class Result:
         return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def phase_limit(args) -> float:
+    """Seconds a load phase may take: what is left of the run, less a margin for the report
+    (the load generator stops itself then and reports what it did; the hard limit is a
+    backstop)."""
+    left = args.deadline - time.monotonic() - 3.0
+    if left < 1.0:
+        raise RuntimeError("time limit reached")
+    return left
+
+
 def drive_python(children: Children, port: int, args, label: str,
                  watch: dict[str, int]) -> Result:
     argv = [sys.executable, str(Path(__file__).resolve()), "_load", "--port", str(port),
             "-n", str(args.n), "-c", str(args.c), "--size", str(args.size),
-            "--warmup", str(args.warmup), "--time-limit", str(args.phase_limit)]
+            "--warmup", str(args.warmup), "--time-limit", str(phase_limit(args))]
     proc = children.start(argv, stdout=subprocess.PIPE, text=True)
     res = Result(label)
     before: dict[str, float | None] = {}
@@ -318,17 +355,19 @@ def drive_python(children: Children, port: int, args, label: str,
 def drive_smtp_source(children: Children, port: int, args, label: str,
                       watch: dict[str, int]) -> Result:
     exe = shutil.which("smtp-source")
-    # -d: keep each session's connection open across messages; -s: concurrent sessions;
-    # -m: messages in all; -l: body length; -M: HELO name.
-    argv = [exe, "-d", "-s", str(args.c), "-m", str(args.n), "-l", str(args.size),
+    # -4: IPv4; -d: keep each session's connection open across messages; -s: concurrent
+    # sessions; -m: messages in all; -F: the message (header and body; LF lines, smtp-source
+    # sends CRLF and dot-stuffs); -M: HELO name.
+    argv = [exe, "-4", "-d", "-s", str(args.c), "-m", str(args.n), "-F", str(args.message_file),
             "-M", "loadgen.bench", "-f", f"bounce-1@{SENDER_DOMAIN}",
             "-t", f"student@{RCPT_DOMAIN}", f"{HOST}:{port}"]
     res = Result(label)
     before = {name: cpu_seconds(pid) for name, pid in watch.items()}
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = children.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _, err = proc.communicate(timeout=args.phase_limit)
+        _, err = proc.communicate(timeout=phase_limit(args))
     except subprocess.TimeoutExpired:
         res.timed_out = True
         err = ""
@@ -337,7 +376,8 @@ def drive_smtp_source(children: Children, port: int, args, label: str,
     children.stop(proc)
     res.cpu = {n: (after[n] - before[n]) if after.get(n) is not None
                and before.get(n) is not None else None for n in watch}
-    res.cpu["loadgen"] = None
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)  # smtp-source is the only child reaped
+    res.cpu["loadgen"] = (now.ru_utime + now.ru_stime) - (reaped.ru_utime + reaped.ru_stime)
     if res.timed_out or proc.returncode != 0:
         res.failed = args.n
         res.errors = [err.strip()[:500] or f"smtp-source exit {proc.returncode}"]
@@ -355,13 +395,36 @@ def start_sink(children: Children) -> tuple[subprocess.Popen, int]:
     return proc, int(line)
 
 
-def write_gateway_config(directory: Path, sink_port: int, log_level: str) -> tuple[Path, int, int]:
+IDENTIFY_CHECKS = ("identity", "registration", "return_path")
+
+
+def gateway_features() -> dict:
+    """What the gateway in this tree knows: its check names and the config keys the bench sets
+    (the configuration refuses unknown keys, and other people keep adding sections)."""
+    import dataclasses
+
+    sys.path.insert(0, str(REPO))
+    from gateway import config as gconfig
+    from gateway.checks import CHECKS
+
+    sections = {f.name for f in dataclasses.fields(gconfig.Config)}
+
+    def keys(section: str, cls: str) -> set[str]:
+        if section not in sections or not hasattr(gconfig, cls):
+            return set()
+        return {f.name for f in dataclasses.fields(getattr(gconfig, cls))}
+
+    return {"checks": [c.name for c in CHECKS], "limits": keys("limits", "LimitsConfig"),
+            "dns": keys("dns", "DnsConfig")}
+
+
+def write_gateway_config(directory: Path, sink_port: int, log_level: str, args,
+                         features: dict) -> tuple[Path, int, int]:
     directory.mkdir(parents=True)
     (directory / "senders").mkdir()
     (directory / "senders" / "bench.toml").write_text(SENDER_FILE)
     smtp_port, admin_port = free_port(), free_port()
-    path = directory / "gateway.toml"
-    path.write_text(textwrap.dedent(f"""\
+    text = textwrap.dedent(f"""\
         [server]
         listen = ["{HOST}:{smtp_port}"]
         hostname = "gw.bench"
@@ -369,6 +432,7 @@ def write_gateway_config(directory: Path, sink_port: int, log_level: str) -> tup
         [upstream]
         url = "smtp://{HOST}:{sink_port}"
         starttls = "off"
+        pool_size = {max(20, args.c)}
 
         [state]
         url = "memory:"
@@ -385,14 +449,42 @@ def write_gateway_config(directory: Path, sink_port: int, log_level: str) -> tup
         [logging]
         level = "{log_level}"
         hash_key_file = "recipient-hash.key"
-        """))
+        """)
+    # Rate limits and session caps raised so they never bind (the limiter code still runs).
+    limits = {"sender_rate": '"1000000/second"', "sessions_per_sender": max(1000, args.c),
+              "sessions_per_ip": max(1000, args.c)}
+    limits = {k: v for k, v in limits.items() if k in features["limits"]}
+    if limits:
+        text += "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
+    # No DNS query may leave loopback: point any resolver at a closed port on 127.0.0.1.
+    if "nameservers" in features["dns"]:
+        text += f'\n[dns]\nnameservers = ["{HOST}:{free_port()}"]\n'
+        if "timeout" in features["dns"]:
+            text += "timeout = 1.0\n"
+    modes = {name: ("enforce" if args.checks == "all" or name in IDENTIFY_CHECKS else "off")
+             for name in features["checks"]}
+    modes.update(args.check_modes)
+    for name, mode in modes.items():
+        text += f'\n[checks.{name}]\nmode = "{mode}"\n'
+    path = directory / "gateway.toml"
+    path.write_text(text)
     return path, smtp_port, admin_port
 
 
+_UVLOOP_GATEWAY = ("import asyncio, sys, uvloop; "
+                   "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+                   "from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def start_gateway(children: Children, config: Path, admin_port: int, log_path: Path,
-                  profile: str | None, timeout: float = 30.0) -> subprocess.Popen:
+                  profile: str | None, uvloop: bool = False,
+                  timeout: float = 30.0) -> subprocess.Popen:
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+    if uvloop:  # an experiment: the same gateway on uvloop's event loop
+        argv[1:3] = ["-c", _UVLOOP_GATEWAY]
     if profile == "cprofile":
+        if uvloop:
+            raise RuntimeError("--profile cprofile and --gateway-uvloop do not go together")
         argv[1:1] = ["-m", "cProfile", "-o", str(config.parent / "gateway.pstats")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -417,6 +509,56 @@ def start_gateway(children: Children, config: Path, admin_port: int, log_path: P
     raise RuntimeError(f"the gateway was not ready within {timeout:.0f}s ({url})")
 
 
+def start_py_spy(children: Children, pid: int, out: Path) -> subprocess.Popen:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        raise RuntimeError("--profile py-spy needs py-spy (pip install py-spy)")
+    proc = children.start([exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                           "--output", str(out), "--nonblocking"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # let it attach
+    if proc.poll() is not None:
+        raise RuntimeError("py-spy failed: " + proc.stderr.read().decode(errors="replace"))
+    return proc
+
+
+_BOILERPLATE = {  # frames every sample of the gateway goes through
+    "_run_module_as_main (<frozen runpy>)", "_run_code (<frozen runpy>)", "<module> (__main__.py)",
+    "main (cli.py)", "cmd_serve (cli.py)", "run (runners.py)", "Runner.run (runners.py)",
+    "BaseEventLoop.run_until_complete (base_events.py)",
+    "BaseEventLoop.run_forever (base_events.py)", "BaseEventLoop._run_once (base_events.py)"}
+
+
+def summarize_profile(path: Path, kind: str, top: int = 25) -> None:
+    """Print the hottest functions: cumulative (inclusive) and own time."""
+    if kind == "cprofile":
+        import pstats
+        stats = pstats.Stats(str(path))
+        stats.sort_stats("tottime").print_stats(top)
+        return
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.rsplit(" (", 1)[0] + " (" + f.rsplit(" (", 1)[1].split(":")[0].rsplit("/", 1)[-1]
+                  + ")" if " (" in f else f for f in stack.split(";")]
+        for f in set(frames) - _BOILERPLATE:
+            inclusive[f] = inclusive.get(f, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    if not total:
+        print("  (no samples)")
+        return
+    for title, table in (("inclusive", inclusive), ("own", own)):
+        print(f"  top {top} by {title} share of {total} on-CPU samples:")
+        for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"    {100 * n / total:5.1f}%  {name}")
+
+
 def fmt_ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.1f}"
 
@@ -435,27 +577,49 @@ def run(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     expired = threading.Event()
 
-    def on_time_limit() -> None:
-        expired.set()
-        print(f"\nerror: hard time limit of {args.time_limit:.0f}s reached; stopping",
-              file=sys.stderr)
-        children.stop_all()
+    def abort(why: str) -> None:
+        if not expired.is_set():
+            expired.set()
+            print(f"\nerror: {why}; stopping", file=sys.stderr)
+            children.stop_all()
 
-    timer = threading.Timer(args.time_limit, on_time_limit)
+    def on_signal(signum, frame) -> None:  # Ctrl-C or kill: stop the children, then report
+        threading.Thread(target=abort, args=(signal.Signals(signum).name,)).start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    args.deadline = time.monotonic() + args.time_limit
+    timer = threading.Timer(args.time_limit, abort,
+                            (f"hard time limit of {args.time_limit:.0f}s reached",))
     timer.daemon = True
     timer.start()
     results: dict[str, list[Result]] = {}
+    spies: dict[str, subprocess.Popen] = {}
     try:
+        args.message_file = tmp / "message.txt"
+        args.message_file.write_bytes(make_message(args.size, 0).replace(b"\r\n", b"\n"))
+        features = gateway_features()
+        unknown = set(args.check_modes) - set(features["checks"])
+        if unknown:
+            raise RuntimeError(f"--check-mode: no check named {', '.join(sorted(unknown))} "
+                               f"(checks: {', '.join(features['checks'])})")
         sink, sink_port = start_sink(children)
         gateways = {}
         for level in args.log_levels:
-            config, smtp_port, admin_port = write_gateway_config(tmp / f"gw-{level}", sink_port,
-                                                                 level)
+            config, smtp_port, admin_port = write_gateway_config(
+                tmp / f"gw-{level}", sink_port, level, args, features)
             proc = start_gateway(children, config, admin_port, tmp / f"gw-{level}" / "log",
-                                 args.profile)
+                                 args.profile, args.gateway_uvloop)
             gateways[level] = (proc, smtp_port, config)
+            if args.profile == "py-spy":
+                spies[level] = start_py_spy(children, proc.pid, config.parent / "py-spy.txt")
         print(f"N={args.n} messages, C={args.c} sessions, {args.size} bytes each, "
-              f"driver={args.driver}, {args.rounds} round(s), {os.cpu_count()} CPU(s)",
+              f"driver={args.driver}, {args.rounds} round(s), {os.cpu_count()} CPU(s)"
+              + (", gateway on uvloop" if args.gateway_uvloop else ""), flush=True)
+        on = [n for n in features["checks"] if args.check_modes.get(
+            n, "enforce" if args.checks == "all" or n in IDENTIFY_CHECKS else "off") != "off"]
+        print(f"gateway checks on: {', '.join(on) or 'none'}; "
+              f"off: {', '.join(n for n in features['checks'] if n not in on) or 'none'}",
               flush=True)
         for r in range(args.rounds):
             res = drive(children, sink_port, args, "direct", {"sink": sink.pid})
@@ -468,29 +632,40 @@ def run(args) -> int:
                 results.setdefault(label, []).append(res)
                 print(f"  round {r + 1}: {label:<17} {res.rate:8.0f} msgs/s", flush=True)
         for level, (proc, _, config) in gateways.items():
+            if level in spies:
+                spies[level].send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                spies[level].wait(30)
+                children.stop(spies[level])
             children.stop(proc)
-            if args.profile == "cprofile":
-                dest = Path(args.profile_out or ".").resolve() / f"gateway-{level}.pstats"
-                shutil.copy(config.parent / "gateway.pstats", dest)
-                print(f"cProfile of the gateway ({level}): {dest}")
+            if args.profile:
+                name = "gateway.pstats" if args.profile == "cprofile" else "py-spy.txt"
+                dest = Path(args.profile_out or ".").resolve() / f"gateway-{level}.{name}"
+                shutil.copy(config.parent / name, dest)
+                print(f"\nprofile of the gateway ({level}), all rounds: {dest}")
+                summarize_profile(dest, args.profile)
             if args.keep_logs:
                 dest = Path(args.keep_logs).resolve() / f"gateway-{level}.log"
                 shutil.copy(config.parent / "log", dest)
     except Exception as exc:
-        if not expired.is_set():
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+        failure = str(exc)
+    else:
+        failure = None
     finally:
         timer.cancel()
         children.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    if expired.is_set():
+    if failure or expired.is_set():
+        if failure and not expired.is_set():
+            print(f"error: {failure}", file=sys.stderr)
+        if results:
+            print("\n(incomplete run: what was measured)")
+            report(results, args)
         return 2
     return report(results, args)
 
 
 def report(results: dict[str, list[Result]], args) -> int:
-    direct_rate = statistics.median(r.rate for r in results["direct"])
+    direct = results["direct"]
     print()
     print(f"{'':<18} {'msgs/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'failed':>6}   CPU µs/msg: {'gateway':>7} {'sink':>5} {'loadgen':>7}")
@@ -498,11 +673,12 @@ def report(results: dict[str, list[Result]], args) -> int:
     first_ratio = None
     for label, runs in results.items():
         rate = statistics.median(r.rate for r in runs)
-        ratio = rate / direct_rate if direct_rate else 0.0
+        # each gateway round is compared with the direct measurement of the same round
+        ratio = statistics.median(r.rate / d.rate if d.rate else 0.0 for r, d in zip(runs, direct))
         if label != "direct" and first_ratio is None:
             first_ratio = ratio
-        lat = [x for r in runs for x in r.latencies]
-        merged = Result(label, msgs=sum(r.msgs for r in runs), latencies=lat)
+        merged = Result(label, msgs=sum(r.msgs for r in runs),
+                        latencies=[x for r in runs for x in r.latencies])
         for name in ("gateway", "sink", "loadgen"):
             vals = [r.cpu.get(name) for r in runs]
             merged.cpu[name] = None if any(v is None for v in vals) else sum(vals)
@@ -511,15 +687,19 @@ def report(results: dict[str, list[Result]], args) -> int:
               f"{fmt_ms(merged.pct(0.99)):>7} {failed:>6}   {'':<11} "
               f"{fmt_cpu(merged, 'gateway'):>7} {fmt_cpu(merged, 'sink'):>5} "
               f"{fmt_cpu(merged, 'loadgen'):>7}")
+        errors: dict[str, int] = {}
         for r in runs:
             for e in r.errors:
-                print(f"    error: {e}")
-            if failed or any(r.timed_out for r in runs):
-                status = 2
+                errors[e] = errors.get(e, 0) + 1
+        for e, n in list(errors.items())[:3]:
+            print(f"    error{f' (x{n})' if n > 1 else ''}: {e}")
+        if failed or any(r.timed_out for r in runs):
+            status = 2
     if args.rounds > 1:
-        print(f"(msgs/s and ratio: median of {args.rounds} rounds; latency and CPU: all rounds)")
+        print(f"(msgs/s: median of {args.rounds} rounds; ratio: median of the per-round ratios; "
+              "latency and CPU: all rounds)")
     if status:
-        print("some messages failed or a phase timed out", file=sys.stderr)
+        print("error: some messages failed or a phase timed out", file=sys.stderr)
         return status
     if args.min_ratio is not None and first_ratio is not None and first_ratio < args.min_ratio:
         print(f"ratio {first_ratio:.2f} is below --min-ratio {args.min_ratio}", file=sys.stderr)
@@ -564,20 +744,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1,
                    help="unmeasured messages per session before the clock starts "
                         "(python driver; default %(default)s)")
+    p.add_argument("--checks", choices=["identify", "all"], default="identify",
+                   help="gateway checks: 'identify' (default, the documented target) enforces "
+                        "identity, registration and return_path and turns every other check off; "
+                        "'all' enforces every check")
+    p.add_argument("--check-mode", dest="check_modes", action="append", default=[],
+                   metavar="NAME=MODE", help="override one check's mode (enforce, monitor, off); "
+                                             "repeat")
     p.add_argument("--time-limit", type=float, default=300.0,
                    help="hard limit for the whole run, seconds (default %(default)s)")
     p.add_argument("--min-ratio", type=float,
                    help="exit 1 when gateway/direct (first log level) is below this")
-    p.add_argument("--profile", choices=["cprofile"],
-                   help="run the gateway under cProfile and save its stats")
+    p.add_argument("--profile", choices=["py-spy", "cprofile"],
+                   help="profile the gateway during the run (py-spy attaches to it; cProfile "
+                        "runs it under python -m cProfile), save and summarize the profile")
+    p.add_argument("--gateway-uvloop", action="store_true",
+                   help="experiment: run the gateway on uvloop (needs uvloop installed); the "
+                        "sink and load generator stay on asyncio")
     p.add_argument("--profile-out", metavar="DIR", help="where to save profiles (default .)")
     p.add_argument("--keep-logs", metavar="DIR", help="copy the gateway logs here at the end")
     args = p.parse_args(argv)
     if args.n < 1 or args.c < 1 or args.size < 512 or args.rounds < 1:
         p.error("-n, -c and --rounds must be positive and --size at least 512")
     args.c = min(args.c, args.n)
+    modes = {}
+    for item in args.check_modes:
+        name, eq, mode = item.partition("=")
+        if not eq or mode not in ("enforce", "monitor", "off"):
+            p.error(f"--check-mode {item!r}: expected NAME=enforce|monitor|off")
+        modes[name] = mode
+    args.check_modes = modes
     args.log_levels = args.log_levels or ["warning", "info"]
-    args.phase_limit = max(10.0, args.time_limit / 2)
     return run(args)
 
 

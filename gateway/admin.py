@@ -1,9 +1,19 @@
-"""The admin listener (aiohttp): ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz``."""
+"""The admin listener (aiohttp): ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz``, and
+the token-protected admin API (``/api/...``) that the ``gateway`` CLI is a client of."""
 
 from __future__ import annotations
 
+import hmac
+
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.rates import Rate, parse_duration
+from gateway.state import StoreError
+from gateway.throttles import GLOBAL
+
+log = structlog.get_logger("gateway.admin")
 
 
 def admin_app(app_state) -> web.Application:
@@ -22,7 +32,52 @@ def admin_app(app_state) -> web.Application:
             return web.json_response({"status": "unready", "problems": problems}, status=503)
         return web.json_response({"status": "ready"})
 
-    app = web.Application()
+    @web.middleware
+    async def api_auth(request: web.Request, handler):
+        if request.path.startswith("/api/"):
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {app_state.admin_token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+            try:
+                return await handler(request)
+            except StoreError as exc:
+                return web.json_response({"error": f"state store unavailable: {exc}"}, status=503)
+        return await handler(request)
+
+    def target_of(request: web.Request) -> str:
+        target = request.match_info["target"]
+        if target != GLOBAL and target not in app_state.registry.by_id:
+            raise web.HTTPNotFound(text=f'{{"error": "no sender {target!r}"}}',
+                                   content_type="application/json")
+        return target
+
+    async def throttles_list(request: web.Request) -> web.Response:
+        throttles = await app_state.throttles.list()
+        return web.json_response({"throttles": [t.to_json() for t in throttles]})
+
+    async def throttle_set(request: web.Request) -> web.Response:
+        target = target_of(request)
+        try:
+            body = await request.json()
+            rate = Rate.parse(str(body["rate"]))
+            duration = parse_duration(str(body["for"])) if body.get("for") else None
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        throttle = await app_state.throttles.set(target, rate, duration)
+        log.warning("throttle_set", target=target, rate=str(rate), seconds=duration)
+        return web.json_response(throttle.to_json())
+
+    async def throttle_clear(request: web.Request) -> web.Response:
+        target = target_of(request)
+        existed = await app_state.throttles.clear(target)
+        log.warning("throttle_cleared", target=target, existed=existed)
+        return web.json_response({"target": target, "cleared": existed})
+
+    app = web.Application(middlewares=[api_auth])
+    app.router.add_get("/api/throttles", throttles_list)
+    app.router.add_put("/api/throttles/{target}", throttle_set)
+    app.router.add_delete("/api/throttles/{target}", throttle_clear)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -12,13 +12,18 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from gateway.adaptive import AdaptiveRate
 from gateway.checks import CHECKS
 from gateway.checks.base import Deps
 from gateway.checks.pipeline import Pipeline
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, parse_hostport
-from gateway.maillog import MailLog, load_hash_key
+from gateway.dns import Resolver
+from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
+from gateway.quarantine import Quarantine
+from gateway.rates import Rate
+from gateway.throttles import Throttles
 from gateway.relay import open_upstream
 from gateway.senders import Registry, load_registry
 from gateway.smtp.handler import Handler
@@ -51,17 +56,43 @@ class Gateway:
         self.upstream = open_upstream(cfg, self.clock)
         self.maillog = MailLog(load_hash_key(cfg.path(cfg.logging.hash_key_file)),
                                clear_recipients=cfg.logging.recipients == "clear")
-        deps = Deps(config=cfg, registry=self.registry, clock=self.clock, state=self.store)
+        self.adaptive = self._adaptive_rate()
+        self.dns = Resolver(clock=self.clock, nameservers=cfg.dns.nameservers,
+                            timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size,
+                            threads=cfg.dns.threads, metrics=self.metrics)
+        self.quarantine = Quarantine(cfg.path(cfg.quarantine.dir))
+        self.throttles = Throttles(self.store, self.clock, cfg.limits.throttle_refresh)
+        self.admin_token = load_token(cfg.path(cfg.admin.token_file))
+        deps = Deps(config=cfg, registry=self.registry, clock=self.clock, state=self.store,
+                    metrics=self.metrics, adaptive=self.adaptive, throttles=self.throttles,
+                    dns=self.dns, quarantine=self.quarantine)
         self.pipeline = Pipeline([c(deps) for c in CHECKS], deps,
                                  observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
         self.handler = Handler(config=cfg, registry=self.registry, pipeline=self.pipeline,
                                upstream=self.upstream, clock=self.clock, maillog=self.maillog,
-                               metrics=self.metrics)
+                               metrics=self.metrics, adaptive=self.adaptive)
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None
         self.smtp_addresses: list[tuple[str, int]] = []
         self.admin_address: tuple[str, int] | None = None
+
+    def _adaptive_rate(self) -> AdaptiveRate | None:
+        limits = self.config.limits
+        if not limits.adaptive:
+            return None
+
+        def changed(rate: Rate, why: str) -> None:
+            self.metrics.adaptive_rate.set(rate.per_second * 60)
+            self.metrics.adaptive_changes.labels(why).inc()
+            log.warning("adaptive_rate", rate=str(rate), reason=why)
+
+        adaptive = AdaptiveRate(Rate.parse(limits.global_rate), Rate.parse(limits.adaptive_floor),
+                                limits.adaptive_decrease, limits.adaptive_increase,
+                                limits.adaptive_interval, limits.adaptive_latency, self.clock,
+                                on_change=changed)
+        self.metrics.adaptive_rate.set(adaptive.rate.per_second * 60)
+        return adaptive
 
     def _protocol(self, tls: ssl.SSLContext | None) -> GatewaySMTP:
         s = self.config.server
@@ -130,12 +161,14 @@ class Gateway:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         await self.upstream.close()
+        await self.dns.close()
         await self.store.close()
         log.info("stopped")
 
 
 async def serve(config: Config) -> None:
-    registry = load_registry(config.path(config.senders.dir), config.checks)
+    registry = load_registry(config.path(config.senders.dir), config.checks,
+                             config.limits.ceiling)
     gateway = Gateway(config, registry)
     await gateway.start()
     stop = asyncio.Event()

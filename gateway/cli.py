@@ -20,7 +20,8 @@ def _load(args) -> tuple[Config, "Registry"]:  # noqa: F821
     from gateway.senders import load_registry
 
     config = load_config(args.config)
-    return config, load_registry(config.path(config.senders.dir), config.checks)
+    return config, load_registry(config.path(config.senders.dir), config.checks,
+                             config.limits.ceiling)
 
 
 def cmd_serve(args) -> int:
@@ -60,7 +61,8 @@ def cmd_senders_show(args) -> int:
     out = {"id": sender.id, "organization": sender.organization, "contact": sender.contact,
            "description": sender.description, "networks": list(sender.networks),
            "domains": list(sender.domains), "return_path": list(sender.return_path),
-           "expires": sender.expires.isoformat(),
+           "expires": sender.expires.isoformat(), "classes": list(sender.classes),
+           "rate": sender.rate or None,
            "auth": {"username": sender.auth.username} if sender.auth else None,
            "checks": {k: v.mode for k, v in sender.checks.items()}, "file": str(sender.file)}
     print(json.dumps(out, indent=2))
@@ -136,6 +138,162 @@ def cmd_senders_remove(args) -> int:
     return 0
 
 
+def _admin_call(args, method: str, path: str, body: dict | None = None) -> dict:
+    """Call the running gateway's admin API (the [admin] listener, token from token_file)."""
+    import urllib.error
+    import urllib.request
+
+    from gateway.config import parse_hostport
+
+    config = load_config(args.config)
+    host, port = parse_hostport(config.admin.listen)
+    token_file = config.path(config.admin.token_file)
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read the admin token {token_file}: {exc.strerror} "
+                         "(is the gateway running with this configuration?)") from None
+    host = f"[{host}]" if ":" in host else host
+    request = urllib.request.Request(
+        f"http://{host}:{port}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]
+        except (ValueError, KeyError):
+            pass
+        raise SystemExit(f"error: {detail}") from None
+    except OSError as exc:
+        raise SystemExit(f"error: cannot reach the admin listener {host}:{port}: {exc}") from None
+
+
+def cmd_throttle_set(args) -> int:
+    body = {"rate": args.rate, "for": args.duration}
+    result = _admin_call(args, "PUT", f"/api/throttles/{args.target}", body)
+    until = (f" until {dt.datetime.fromtimestamp(result['until'], dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+             if result["until"] else " until cleared")
+    print(f"throttled {result['target']} to {result['rate']}{until}")
+    return 0
+
+
+def cmd_throttle_list(args) -> int:
+    throttles = _admin_call(args, "GET", "/api/throttles")["throttles"]
+    if not throttles:
+        print("no throttles")
+    for t in throttles:
+        until = (f"{dt.datetime.fromtimestamp(t['until'], dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+                 if t["until"] else "until cleared")
+        print(f"{t['target']:<24} {t['rate']:<14} {until}")
+    return 0
+
+
+def cmd_throttle_clear(args) -> int:
+    result = _admin_call(args, "DELETE", f"/api/throttles/{args.target}")
+    print(f"cleared the throttle of {result['target']}" if result["cleared"]
+          else f"{result['target']} had no throttle")
+    return 0
+
+
+def _quarantine(args):
+    from gateway.quarantine import Quarantine
+
+    config = load_config(args.config)
+    return config, Quarantine(config.path(config.quarantine.dir))
+
+
+def cmd_quarantine_list(args) -> int:
+    _, quarantine = _quarantine(args)
+    items = quarantine.list()
+    if not items:
+        print("the quarantine is empty")
+        return 0
+    print(f"{'ID':<14} {'STORED (UTC)':<20} {'SENDER':<16} {'REASON':<16} {'RCPTS':>5}  SUBJECT")
+    for i in items:
+        print(f"{i.id:<14} {i.stored_at[:19].replace('T', ' '):<20} {(i.sender or '-')[:16]:<16} "
+              f"{i.reason[:16]:<16} {len(i.recipients):>5}  {i.subject[:60]}")
+    return 0
+
+
+def cmd_quarantine_show(args) -> int:
+    from dataclasses import asdict
+
+    from gateway.quarantine import QuarantineError
+
+    _, quarantine = _quarantine(args)
+    try:
+        item, content = quarantine.get(args.id)
+    except QuarantineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(item), indent=2))
+    head, _, body = content.partition(b"\r\n\r\n")
+    print()
+    print(head.decode("utf-8", "replace").replace("\r\n", "\n"))
+    if args.body:
+        print()
+        sys.stdout.flush()
+        sys.stdout.buffer.write(body)
+    else:
+        print(f"\n({len(body)} bytes of body; --body shows it)")
+    return 0
+
+
+def cmd_quarantine_release(args) -> int:
+    from gateway.clock import SystemClock
+    from gateway.quarantine import QuarantineError
+    from gateway.relay import open_upstream
+
+    config, quarantine = _quarantine(args)
+
+    async def release():
+        upstream = open_upstream(config, SystemClock())
+        try:
+            return await quarantine.release(args.id, upstream)
+        finally:
+            await upstream.close()
+
+    try:
+        reply, refused = asyncio.run(release())
+    except QuarantineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for rcpt, r in refused:
+        print(f"refused <{rcpt}>: {r}", file=sys.stderr)
+    if not reply.ok:
+        print(f"not released: campus mail replied {reply}", file=sys.stderr)
+        return 1
+    kept = " (kept for the refused recipients)" if refused else ""
+    print(f"released {args.id}: {reply}{kept}")
+    return 0
+
+
+def cmd_quarantine_delete(args) -> int:
+    from gateway.quarantine import QuarantineError
+
+    _, quarantine = _quarantine(args)
+    try:
+        quarantine.delete(args.id)
+    except QuarantineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"deleted {args.id}")
+    return 0
+
+
+def _rate(text: str) -> str:
+    from gateway.rates import Rate
+
+    try:
+        return str(Rate.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _date(text: str) -> str:
     try:
         return dt.date.fromisoformat(text).isoformat()
@@ -175,9 +333,41 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--expires", required=True, type=_date, help="YYYY-MM-DD")
     add.add_argument("--auth-username", help="also create SMTP AUTH credentials, printed once")
     add.set_defaults(func=cmd_senders_add)
+    throttle = sub.add_parser("throttle", parents=[common], help="run-time throttles, through "
+                              "the running gateway's admin API").add_subparsers(
+        dest="throttle_command", required=True)
+    tset = throttle.add_parser("set", parents=[common], help="lower a sender's rate (or the "
+                               "gateway-wide one, target 'global') without a restart")
+    tset.add_argument("target", help="a sender id, or 'global'")
+    tset.add_argument("rate", type=_rate, help="e.g. 10/minute")
+    tset.add_argument("--for", dest="duration", help="how long, e.g. 2h, 30m (default: until "
+                      "cleared)")
+    tset.set_defaults(func=cmd_throttle_set)
+    throttle.add_parser("list", parents=[common], help="throttles in force"
+                        ).set_defaults(func=cmd_throttle_list)
+    tclear = throttle.add_parser("clear", parents=[common], help="remove a throttle")
+    tclear.add_argument("target")
+    tclear.set_defaults(func=cmd_throttle_clear)
     remove = senders.add_parser("remove", parents=[common], help="delete a sender's file")
     remove.add_argument("id")
     remove.set_defaults(func=cmd_senders_remove)
+    quarantine = sub.add_parser("quarantine", parents=[common], help="messages kept in the "
+                                "quarantine (not relayed)").add_subparsers(
+        dest="quarantine_command", required=True)
+    quarantine.add_parser("list", parents=[common], help="list quarantined messages"
+                          ).set_defaults(func=cmd_quarantine_list)
+    qshow = quarantine.add_parser("show", parents=[common], help="envelope, decision and "
+                                  "header of one message")
+    qshow.add_argument("id")
+    qshow.add_argument("--body", action="store_true", help="also print the body")
+    qshow.set_defaults(func=cmd_quarantine_show)
+    qrelease = quarantine.add_parser("release", parents=[common], help="relay to campus mail "
+                                     "with the original envelope, then remove")
+    qrelease.add_argument("id")
+    qrelease.set_defaults(func=cmd_quarantine_release)
+    qdelete = quarantine.add_parser("delete", parents=[common], help="remove without relaying")
+    qdelete.add_argument("id")
+    qdelete.set_defaults(func=cmd_quarantine_delete)
     return parser
 
 

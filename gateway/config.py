@@ -118,10 +118,66 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class StateConfig:
     url: str = "sqlite:var/state.sqlite3"
+    on_error: Literal["defer", "local"] = "defer"
 
     def validate(self, file, prefix):
-        if not (self.url == "memory:" or (self.url.startswith("sqlite:") and len(self.url) > 7)):
-            raise ConfigError(file, f"{prefix}.url", f"{self.url!r}: expected sqlite:PATH or memory:")
+        url = self.url
+        ok = (url == "memory:" or (url.startswith("sqlite:") and len(url) > 7)
+              or (url.startswith(("redis://", "rediss://")) and urlsplit(url).hostname))
+        if not ok:
+            raise ConfigError(file, f"{prefix}.url", f"{url!r}: expected sqlite:PATH, "
+                                                     "redis://host:port/db or memory:")
+
+
+def _check_rate(file, key: str, text: str) -> None:
+    from gateway.rates import Rate
+
+    try:
+        Rate.parse(text)
+    except ValueError as exc:
+        raise ConfigError(file, key, str(exc)) from None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    sender_rate: str = "30/minute"
+    global_rate: str = ""
+    max_hold: float = 10.0
+    sessions_per_sender: int = 20
+    sessions_per_ip: int = 50
+    throttle_refresh: float = 1.0
+    adaptive: bool = False
+    adaptive_floor: str = "30/minute"
+    adaptive_decrease: float = 0.5
+    adaptive_increase: float = 0.1
+    adaptive_interval: float = 10.0
+    adaptive_latency: float = 5.0
+
+    def validate(self, file, prefix):
+        _check_rate(file, f"{prefix}.sender_rate", self.sender_rate)
+        if self.global_rate:
+            _check_rate(file, f"{prefix}.global_rate", self.global_rate)
+        _check_rate(file, f"{prefix}.adaptive_floor", self.adaptive_floor)
+        if not 0 <= self.max_hold <= 300:
+            raise ConfigError(file, f"{prefix}.max_hold", "must be between 0 and 300 seconds "
+                              "(well inside the RFC 5321 10-minute DATA timeout)")
+        for key in ("sessions_per_sender", "sessions_per_ip"):
+            if getattr(self, key) < 1:
+                raise ConfigError(file, f"{prefix}.{key}", "must be at least 1")
+        if self.adaptive and not self.global_rate:
+            raise ConfigError(file, f"{prefix}.adaptive", "needs global_rate (the rate to adapt)")
+        if not 0 < self.adaptive_decrease < 1:
+            raise ConfigError(file, f"{prefix}.adaptive_decrease", "must be between 0 and 1")
+        if not 0 < self.adaptive_increase <= 1:
+            raise ConfigError(file, f"{prefix}.adaptive_increase", "must be in (0, 1]")
+        if self.throttle_refresh <= 0 or self.adaptive_interval <= 0 or self.adaptive_latency <= 0:
+            raise ConfigError(file, f"{prefix}.throttle_refresh", "intervals must be positive")
+
+    @property
+    def ceiling(self):
+        from gateway.rates import Rate
+
+        return Rate.parse(self.sender_rate)
 
 
 @dataclass(frozen=True)
@@ -145,6 +201,7 @@ class SendersConfig:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: str = "127.0.0.1:9025"
+    token_file: Path = Path("var/admin.token")
 
     def validate(self, file, prefix):
         _check_listen(file, f"{prefix}.listen", self.listen)
@@ -156,6 +213,35 @@ class LoggingConfig:
     format: Literal["json", "console"] = "json"
     recipients: Literal["hashed", "clear"] = "hashed"
     hash_key_file: Path = Path("var/recipient-hash.key")
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+    timeout: float = 5.0
+    cache_size: int = 10000
+    threads: int = 4
+
+    def validate(self, file, prefix):
+        from gateway.dns import parse_nameserver
+
+        for i, item in enumerate(self.nameservers):
+            try:
+                parse_nameserver(item)
+            except ValueError as exc:
+                raise ConfigError(file, f"{prefix}.nameservers[{i}]",
+                                  f"expected \"ip\" or \"ip:port\" ([ipv6]:port): {exc}") from None
+        if self.timeout <= 0:
+            raise ConfigError(file, f"{prefix}.timeout", "must be positive")
+        if self.cache_size < 0:
+            raise ConfigError(file, f"{prefix}.cache_size", "must be 0 (no cache) or more")
+        if self.threads < 1:
+            raise ConfigError(file, f"{prefix}.threads", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class QuarantineConfig:
+    dir: Path = Path("var/quarantine")
 
 
 @dataclass(frozen=True)
@@ -173,6 +259,9 @@ class Config:
     senders: SendersConfig = SendersConfig()
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    dns: DnsConfig = DnsConfig()
+    quarantine: QuarantineConfig = QuarantineConfig()
     checks: dict[str, CheckSettings] = field(default_factory=dict)
 
     @property

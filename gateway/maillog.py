@@ -34,17 +34,30 @@ def configure_logging(level: str, fmt: str, stream=None) -> None:
     )
 
 
-def load_hash_key(path: Path) -> bytes:
-    """The recipient-hashing key, created (0600) on first start if the file does not exist."""
+def _secret_file(path: Path, make) -> bytes:
+    """A secret kept in a file, created (0600) with ``make()`` if the file does not exist."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        secret = make()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return path.read_bytes()
         with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
-        return key
+            fh.write(secret)
+        return secret
+
+
+def load_hash_key(path: Path) -> bytes:
+    """The recipient-hashing key, created on first start if the file does not exist."""
+    return _secret_file(path, lambda: secrets.token_bytes(32))
+
+
+def load_token(path: Path) -> str:
+    """The admin API bearer token, created on first start; the CLI reads the same file."""
+    return _secret_file(path, lambda: secrets.token_urlsafe(32).encode()).decode().strip()
 
 
 class MailLog:

@@ -34,6 +34,44 @@ class Metrics:
             ["stage", "class"], registry=registry)
         self.bytes = Counter("gateway_relayed_bytes", "Bytes of message data relayed",
                              registry=registry)
+        self.message_classes = Counter(
+            "gateway_message_classes", "Message decisions at DATA by sender, message class "
+            "(transactional, educational, promotional) and decision",
+            ["sender", "class", "decision"], registry=registry)
+        self.auth_results = Counter(
+            "gateway_auth_results", "Sender authentication results (check: spf, dkim, "
+            "alignment) by result and sender", ["check", "result", "sender"], registry=registry)
+        self.dns_seconds = Histogram(
+            "gateway_dns_query_seconds", "DNS queries sent (cache misses) by type and outcome",
+            ["qtype", "outcome"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.dns_cache = Counter(
+            "gateway_dns_cache_lookups", "DNS look-ups by cache outcome: hit, miss, coalesced "
+            "(joined a query in flight); hit ratio = hit / all", ["outcome"], registry=registry)
+
+        # rate limits and throttles (labels: registered sender ids, bounded by the registry)
+        self.holds = Counter("gateway_rate_holds", "Messages whose reply was held for budget",
+                             ["sender"], registry=registry)
+        self.rate_deferrals = Counter(
+            "gateway_rate_deferrals", "Messages deferred (451 4.7.1) by rate limits, by sender "
+            "and limit (sender, global)", ["sender", "limit"], registry=registry)
+        self.effective_rate = Gauge(
+            "gateway_rate_effective_per_minute", "A sender's effective rate (after its own rate "
+            "and throttles), messages per minute", ["sender"], registry=registry)
+        self.budget_used = Gauge(
+            "gateway_rate_budget_used", "Messages in the sender's current sliding window",
+            ["sender"], registry=registry)
+        self.adaptive_rate = Gauge(
+            "gateway_adaptive_rate_per_minute", "The adaptive gateway-wide rate now, messages "
+            "per minute", registry=registry)
+        self.adaptive_changes = Counter(
+            "gateway_adaptive_rate_changes", "Adaptive rate steps by direction and cause",
+            ["reason"], registry=registry)
+        self.state_fallbacks = Counter(
+            "gateway_state_fallbacks", "Rate decisions made with per-process limits because the "
+            "state store was unreachable ([state] on_error = \"local\")", registry=registry)
+        self.sessions_refused = Counter(
+            "gateway_sessions_refused", "Sessions refused (421 4.7.0) over a concurrency cap",
+            ["cap"], registry=registry)
 
     def upstream_reply(self, stage: str, code: int) -> None:
         self.upstream_replies.labels(stage, f"{code // 100}xx").inc()

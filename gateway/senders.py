@@ -13,6 +13,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from gateway.config import CheckSettings, parse_checks, read_toml
 from gateway.passwords import check_hash_format
@@ -20,6 +21,10 @@ from gateway.smtp.address import valid_domain
 from gateway.typed import ConfigError, build
 
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+
+# Message classes (policy IV.C.1): what a message declares in its message-class header.
+MessageClass = Literal["transactional", "educational", "promotional"]
+MESSAGE_CLASSES: tuple[str, ...] = get_args(MessageClass)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class Sender:
     return_path: tuple[str, ...]
     expires: dt.date
     description: str = ""
+    # The message classes this sender may send (checks.message_class); absent header = promotional.
+    classes: tuple[MessageClass, ...] = ("promotional",)
+    # A lower sending rate than the policy ceiling ([limits] sender_rate), e.g. "10/minute".
+    rate: str = ""
     auth: SenderAuth | None = None
     file: Path | None = field(default=None, compare=False, metadata={"toml": False})
     checks: dict[str, CheckSettings] = field(default_factory=dict, compare=False,
@@ -56,6 +65,15 @@ class Sender:
     def validate(self, file, prefix):
         if not _ID.match(self.id):
             raise ConfigError(file, "id", f"{self.id!r}: use lower-case letters, digits, . _ -")
+        if self.id == "global":
+            raise ConfigError(file, "id", "'global' is reserved for the gateway-wide throttle")
+        if self.rate:
+            from gateway.rates import Rate
+
+            try:
+                Rate.parse(self.rate)
+            except ValueError as exc:
+                raise ConfigError(file, "rate", str(exc)) from None
         for key in ("organization", "contact"):
             if not getattr(self, key).strip():
                 raise ConfigError(file, key, "must not be empty")
@@ -72,6 +90,11 @@ class Sender:
         for i, d in enumerate(self.domains):
             if d != d.lower() or not valid_domain(d):
                 raise ConfigError(file, f"domains[{i}]", f"{d!r} is not a lower-case domain name")
+        if not self.classes:
+            raise ConfigError(file, "classes", "needs at least one message class "
+                                               f"({', '.join(MESSAGE_CLASSES)})")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(file, "classes", "lists a message class more than once")
         if not self.return_path:
             raise ConfigError(file, "return_path", "needs at least one pattern")
         patterns = []
@@ -88,6 +111,13 @@ class Sender:
         object.__setattr__(self, "nets", tuple(nets))
         object.__setattr__(self, "patterns", tuple(patterns))
         object.__setattr__(self, "patterns_rx", tuple(_pattern_rx(p) for p in patterns))
+
+    @property
+    def own_rate(self):
+        """The sender's registered rate, or None for the policy ceiling."""
+        from gateway.rates import Rate
+
+        return Rate.parse(self.rate) if self.rate else None
 
     def has_ip(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
@@ -164,7 +194,15 @@ class Registry:
         return len(self.senders)
 
 
-def load_registry(directory: Path, base_checks: dict[str, CheckSettings] | None = None) -> Registry:
+def load_registry(directory: Path, base_checks: dict[str, CheckSettings] | None = None,
+                  ceiling=None) -> Registry:
+    """All sender files of ``directory``; a sender's ``rate`` may not exceed ``ceiling``."""
     if not directory.is_dir():
         raise ConfigError(directory, "", "sender directory not found")
-    return Registry([load_sender(p, base_checks) for p in sorted(directory.glob("*.toml"))])
+    senders = [load_sender(p, base_checks) for p in sorted(directory.glob("*.toml"))]
+    for s in senders:
+        own = s.own_rate
+        if ceiling is not None and own is not None and own.per_second > ceiling.per_second:
+            raise ConfigError(s.file, "rate", f"{s.rate} exceeds the policy ceiling "
+                                              f"[limits] sender_rate = {ceiling}")
+    return Registry(senders)

@@ -36,6 +36,8 @@ expires = 2027-06-30
 
 MESSAGE = (b"From: Acme News <news@em.acme.example>\r\n"
            b"To: Alice <alice@example.edu>\r\n"
+           b"List-Unsubscribe: <https://em.acme.example/u/1>, <mailto:unsub-1@em.acme.example>\r\n"
+           b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
            b"Subject: Hello\r\n"
            b"Message-ID: <m1@em.acme.example>\r\n"
            b"\r\n"
@@ -208,6 +210,9 @@ class GatewayFactory:
             head += '[state]\nurl = "memory:"\n'
         if "[senders]" not in sections:
             head += '[senders]\ndir = "senders"\n'
+        if "[checks.sender_auth]" not in sections:
+            # SPF/DKIM need DNS: off unless a test (tests/test_auth*.py) configures it
+            sections += '\n[checks.sender_auth]\nmode = "off"\n'
         path = base / "gateway.toml"
         path.write_text(head + sections)
         return path
@@ -216,7 +221,8 @@ class GatewayFactory:
               upstream: str | None = None) -> RunningGateway:
         path = self.write(toml, senders, upstream)
         config = load_config(path)
-        registry = load_registry(config.path(config.senders.dir), config.checks)
+        registry = load_registry(config.path(config.senders.dir), config.checks,
+                             config.limits.ceiling)
         gw = RunningGateway(Gateway(config, registry, clock=self.clock,
                                     metrics_registry=CollectorRegistry()))
         self.running.append(gw)

@@ -44,6 +44,8 @@ hostname = "gw.test"
 listen = "127.0.0.1:{admin}"
 [senders]
 dir = "senders"
+[checks.sender_auth]
+mode = "off"  # SPF/DKIM need DNS; tests/test_auth*.py cover them
 """)
     return ConfDir(tmp_path, smtp, admin)
 
@@ -182,7 +184,9 @@ def test_serve_with_swaks(served):
     confdir, _ = served
     ok = subprocess.run(["swaks", "--server", f"127.0.0.1:{confdir.smtp_port}",
                          "--from", "bounce-6@em.acme.example", "--to", "bob@example.edu",
-                         "--h-Subject", "swaks test"], capture_output=True, text=True, timeout=60)
+                         "--h-Subject", "swaks test",
+                         "--h-List-Unsubscribe", "<mailto:unsub-6@em.acme.example>"],
+                        capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stdout
     assert "<-  250 2.0.0 Ok: delivered as " in ok.stdout
     denied = subprocess.run(["swaks", "--server", f"127.0.0.1:{confdir.smtp_port}",

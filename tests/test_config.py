@@ -23,7 +23,8 @@ def write(tmp_path: Path, text: str, name: str = "gateway.toml") -> Path:
 
 def test_shipped_configuration_and_example_sender_are_valid():
     config = load_config(ROOT / "gateway.toml")
-    registry = load_registry(config.path(config.senders.dir), config.checks)
+    registry = load_registry(config.path(config.senders.dir), config.checks,
+                             config.limits.ceiling)
     assert config.server.listen == ("127.0.0.1:2525",)
     assert config.upstream.url == "maildir:var/maildir"
     assert config.state.url == "sqlite:var/state.sqlite3"
@@ -49,10 +50,14 @@ def test_empty_file_means_all_defaults(tmp_path):
     ("[upstream]\nurl = \"lmtp://x\"\n", "upstream.url", "expected smtp://host:port, smtps://host:port or maildir:PATH"),
     ("[upstream]\nstarttls = \"sometimes\"\n", "upstream.starttls", "'sometimes' is not one of 'required' | 'opportunistic' | 'off'"),
     ("[upstream]\nhosts = [\"smtp://b:25\"]\n", "upstream.hosts", "failover hosts need an smtp(s):// url"),
-    ("[state]\nurl = \"postgres://x\"\n", "state.url", "expected sqlite:PATH or memory:"),
+    ("[state]\nurl = \"postgres://x\"\n", "state.url", "expected sqlite:PATH, redis://host:port/db or memory:"),
+    ("[state]\non_error = \"ignore\"\n", "state.on_error", "'ignore' is not one of 'defer' | 'local'"),
+    ("[limits]\nsender_rate = \"fast\"\n", "limits.sender_rate", "is not a rate such as"),
+    ("[limits]\nadaptive = true\n", "limits.adaptive", "needs global_rate"),
+    ("[limits]\nmax_hold = 900.0\n", "limits.max_hold", "must be between 0 and 300 seconds"),
     ("[university]\ndomains = [\"not a domain\"]\n", "university.domains[0]", "is not a domain or *.domain"),
     ("[logging]\nformat = \"xml\"\n", "logging.format", "'xml' is not one of 'json' | 'console'"),
-    ("[checks.spam]\nmode = \"off\"\n", "checks.spam", "unknown check (known checks: identity,"),
+    ("[checks.spam]\nmode = \"off\"\n", "checks.spam", "unknown check (known checks: "),
     ("[checks.return_path]\nmode = \"loud\"\n", "checks.return_path.mode", "'loud' is not one of 'enforce' | 'monitor' | 'off'"),
     ("[servr]\n", "servr", "unknown section"),
     ("server = 1\n", "server", "expected a [server] table"),

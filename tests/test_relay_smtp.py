@@ -157,3 +157,35 @@ def test_dot_stuffed_lines_survive_the_relay(gateways, sink):
     client.quit()
     assert code == 250
     assert sink.messages[0].content.endswith(b"Hello, world.\r\n.leading dot\r\n..two dots\r\n")
+
+
+def test_pathologically_nested_mime_is_refused_not_deferred(gateways, sink, logs):
+    gw = gateways.start(upstream=sink.url)
+    head = MESSAGE.split(b"\r\n\r\n")[0] + b"\r\nMIME-Version: 1.0\r\n"
+    depth = 1200
+    parts = b"".join(b"Content-Type: multipart/mixed; boundary=\"b%d\"\r\n\r\n--b%d\r\n" % (i, i)
+                     for i in range(depth))
+    message = head + parts + b"Content-Type: text/plain\r\n\r\nhi\r\n"
+    client, reply = send(gw, message=message)
+    client.quit()
+    assert reply[0] == 550 and reply[1].startswith(b"5.6.0 ")
+    assert sink.messages == []
+    assert logs.events("message")[0]["decision"] == "reject"
+
+
+def test_raw_8bit_message_id_is_logged_not_crashed_on(gateways, sink, logs):
+    gw = gateways.start(upstream=sink.url)
+    message = MESSAGE.replace(b"<m1@em.acme.example>", "<m\u00e9@em.acme.example>".encode())
+    client, (code, _) = send(gw, message=message)
+    client.quit()
+    assert code == 250 and len(sink.messages) == 1
+    assert logs.events("message")[0]["decision"] == "accept"
+
+
+def test_large_message_parsed_off_the_loop_is_relayed_intact(gateways, sink):
+    gw = gateways.start(upstream=sink.url)
+    body = MESSAGE + (b"y" * 76 + b"\r\n") * 8000  # ~600 KB: parsed in a worker thread
+    client, (code, _) = send(gw, message=body)
+    client.quit()
+    assert code == 250
+    assert sink.messages[0].content.endswith(body.split(b"\r\n\r\n", 1)[1])

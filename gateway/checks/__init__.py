@@ -1,11 +1,21 @@
 """Policy checks, one module per control, run in the order listed here (the chain as data)."""
 
+from gateway.checks.attachments import Attachments
 from gateway.checks.base import ACCEPT, Check, Context, Deps, Stage, Verdict, defer, reject
 from gateway.checks.identity import Identity
+from gateway.checks.message_class import MessageClass
+from gateway.checks.rate_limit import RateLimit
 from gateway.checks.registration import Registration
 from gateway.checks.return_path import ReturnPath
+from gateway.checks.sender_auth import SenderAuth
+from gateway.checks.unsubscribe import Unsubscribe
 
-CHECKS: tuple[type[Check], ...] = (Identity, Registration, ReturnPath)
+# Content controls (DATA): the class first (unsubscribe and later controls key on it), then the
+# cheap header checks, then the MIME walk.
+CHECKS: tuple[type[Check], ...] = (Identity, Registration, ReturnPath,
+                                   MessageClass, Unsubscribe, Attachments,
+                                   SenderAuth,  # SPF/DKIM/alignment: DNS, after the cheap ones
+                                   RateLimit)  # last: only a message ready to relay spends budget
 CHECK_SETTINGS = {c.name: c.Settings for c in CHECKS}
 
 __all__ = ["ACCEPT", "CHECKS", "CHECK_SETTINGS", "Check", "Context", "Deps", "Stage", "Verdict",

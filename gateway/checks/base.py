@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -18,6 +19,11 @@ from gateway.config import CheckSettings
 from gateway.smtp.replies import Reply
 
 if TYPE_CHECKING:
+    from gateway.adaptive import AdaptiveRate
+    from gateway.metrics import Metrics
+    from gateway.throttles import Throttles
+    from gateway.dns import Resolver
+    from gateway.quarantine import Quarantine
     from gateway.clock import Clock
     from gateway.config import Config
     from gateway.senders import Registry, Sender
@@ -32,7 +38,8 @@ class Stage(enum.Enum):
 
 @dataclass(frozen=True)
 class Verdict:
-    action: Literal["accept", "reject", "defer"]
+    # "quarantine": store the message in the quarantine (not relayed) and reply 250 with its id
+    action: Literal["accept", "reject", "defer", "quarantine"]
     reply: Reply | None = None
     reason: str = ""  # short, stable, for logs and metric labels
     headers: tuple[tuple[str, str], ...] = ()
@@ -68,6 +75,12 @@ class Context:
     message: Message | None = None  # the whole MIME tree, parsed once (compat32) at DATA
     raw: bytes = b""  # the message as received, before the gateway's own headers
     size: int = 0
+    # transactional | educational | promotional, from the message-class header (set at DATA by
+    # the message_class check); what later controls (unsubscribe, suppression, FERPA) key on
+    message_class: str | None = None
+    # Header fields DATA checks want removed from the relayed message: predicates on
+    # (name, unfolded value), applied by handle_DATA (e.g. forged Authentication-Results).
+    strip_headers: list[Callable[[str, str], bool]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,11 @@ class Deps:
     registry: Registry
     clock: Clock
     state: Store
+    metrics: Metrics | None = None
+    adaptive: AdaptiveRate | None = None  # the gateway-wide rate, when [limits] adaptive
+    throttles: Throttles | None = None  # run-time throttles, shared with the admin API
+    dns: Resolver | None = None  # the shared asynchronous resolver and cache (gateway.dns)
+    quarantine: Quarantine | None = None  # where "quarantine" verdicts store messages
 
 
 class Check:
@@ -101,3 +119,26 @@ class Check:
 
     async def check(self, ctx: Context) -> Verdict:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def strip_header_fields(raw: bytes, predicates: list[Callable[[str, str], bool]]) -> bytes:
+    """``raw`` without the header fields (with their continuation lines) that any predicate
+    matches, given (name, unfolded value); everything else is kept byte for byte."""
+    end = raw.find(b"\r\n\r\n")
+    if not predicates or end < 0:
+        return raw
+    fields: list[list[bytes]] = []
+    for line in raw[:end].split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    kept = []
+    for lines in fields:
+        name = lines[0].partition(b":")[0].decode("latin-1")
+        value = b"".join(lines)[len(name) + 1:].decode("latin-1")
+        if not any(p(name, value) for p in predicates):
+            kept.append(b"\r\n".join(lines))
+    if len(kept) == len(fields):
+        return raw
+    return b"\r\n".join(kept) + raw[end:] if kept else raw[end + 2:]

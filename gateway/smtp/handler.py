@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import compat32
@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING
 import structlog
 from aiosmtpd.smtp import LoginPassword
 
-from gateway.checks.base import Context, Stage
+from gateway.checks.auth_results import claims
+from gateway.checks.base import Context, Stage, reject, strip_header_fields
 from gateway.checks.identity import identify
 from gateway.checks.pipeline import Outcome, Pipeline
 from gateway.passwords import hash_password, verify_password
+from gateway.quarantine import item_for
 from gateway.relay.base import Transaction as UpstreamTransaction
 from gateway.relay.base import Upstream, UpstreamError
 from gateway.smtp.address import AddressError, DomainSet, parse_mailbox
@@ -34,6 +36,7 @@ from gateway.smtp.replies import Reply
 from gateway.smtp.server import NULL_PATH
 
 if TYPE_CHECKING:
+    from gateway.adaptive import AdaptiveRate
     from gateway.clock import Clock
     from gateway.config import Config
     from gateway.maillog import MailLog
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.smtp")
 _PARSER = BytesParser(policy=compat32)  # parsed once per message, shared by every check
+_PARSE_INLINE_MAX = 256 * 1024  # larger messages are parsed off the event loop
 _DUMMY_HASH = hash_password("not-a-password", ln=10)
 
 
@@ -63,7 +67,8 @@ def _sender_label(ctx: Context) -> str:
 
 class Handler:
     def __init__(self, *, config: Config, registry: Registry, pipeline: Pipeline,
-                 upstream: Upstream, clock: Clock, maillog: MailLog, metrics: Metrics) -> None:
+                 upstream: Upstream, clock: Clock, maillog: MailLog, metrics: Metrics,
+                 adaptive: AdaptiveRate | None = None) -> None:
         self.config = config
         self.registry = registry
         self.pipeline = pipeline
@@ -71,6 +76,10 @@ class Handler:
         self.clock = clock
         self.maillog = maillog
         self.metrics = metrics
+        self.adaptive = adaptive
+        self.limits = config.limits
+        self._per_ip: Counter[str] = Counter()  # open sessions, this process
+        self._per_sender: Counter[str] = Counter()
         self.university = DomainSet(config.university.domains)
         self.hostname = config.server.hostname
         self._tasks: set[asyncio.Task] = set()
@@ -79,14 +88,47 @@ class Handler:
 
     # --- session lifetime (called by GatewaySMTP) -----------------------------------------
 
-    def session_opened(self, session) -> None:
+    def session_opened(self, session) -> Reply | None:
+        """A new connection; a Reply refuses it (421) over the per-IP session cap."""
         session.gateway_id = secrets.token_hex(4)
+        session.gateway_sender = None
+        ip = self._ip_text(session)
         self.metrics.sessions.inc()
         self.metrics.connections.inc()
-        self.maillog.connected(session.gateway_id, self._ip_text(session))
+        self.maillog.connected(session.gateway_id, ip)
+        self._per_ip[ip] += 1
+        if self._per_ip[ip] > self.limits.sessions_per_ip:
+            self.metrics.sessions_refused.labels("ip").inc()
+            return Reply(421, "4.7.0", f"Too many sessions from [{ip}] "
+                                       f"(at most {self.limits.sessions_per_ip}); try again later")
+        return None
 
     def session_closed(self, session) -> None:
         self.metrics.sessions.dec()
+        ip = self._ip_text(session)
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+        sender = getattr(session, "gateway_sender", None)
+        if sender is not None:
+            self._per_sender[sender] -= 1
+            if self._per_sender[sender] <= 0:
+                del self._per_sender[sender]
+
+    def _claim_sender_session(self, session, sender_id: str) -> Reply | None:
+        """Count the session against its sender at its first identified MAIL."""
+        if session.gateway_sender == sender_id:
+            return None
+        if session.gateway_sender is not None:  # (AUTH cannot change; IP identification can)
+            self._per_sender[session.gateway_sender] -= 1
+        session.gateway_sender = sender_id
+        self._per_sender[sender_id] += 1
+        if self._per_sender[sender_id] > self.limits.sessions_per_sender:
+            self.metrics.sessions_refused.labels("sender").inc()
+            return Reply(421, "4.7.0", f"Too many concurrent sessions for sender {sender_id} "
+                                       f"(at most {self.limits.sessions_per_sender}); "
+                                       "try again later")
+        return None
 
     def transaction_dropped(self, session, txn: Transaction) -> asyncio.Task:
         """The client left the transaction (RSET, EHLO, QUIT, disconnect, refused DATA)."""
@@ -159,6 +201,12 @@ class Handler:
             self._decide(session, ctx, outcome, verdict.action, verdict.reason, verdict.reply,
                          stage="mail", decided_by=outcome.decided_by)
             return str(verdict.reply)
+        if ctx.sender is not None:
+            refused = self._claim_sender_session(session, ctx.sender.id)
+            if refused is not None:
+                self._decide(session, ctx, outcome, "defer", "sender_sessions", refused,
+                             stage="mail", decided_by="limits")
+                return str(refused)
         eightbit = "BODY=8BITMIME" in mail_options
         size = next((int(o[5:]) for o in mail_options if o.startswith("SIZE=")
                      and o[5:].isdigit()), None)
@@ -221,9 +269,37 @@ class Handler:
         content: bytes = envelope.original_content
         ctx.size = len(content)
         ctx.raw = content
-        ctx.message = _PARSER.parsebytes(content)
-        outcome = await self.pipeline.run(Stage.DATA, ctx, outcome)
+        try:
+            ctx.message = await self._parse(content)
+        except RecursionError:  # pathological nesting: the stdlib parser recurses per level
+            outcome.verdict = reject(550, "5.6.0", "Message structure is nested too deeply to "
+                                     "be parsed; flatten it", "mime_unparsable")
+            outcome.decided_by = "parser"
+        else:
+            outcome = await self.pipeline.run(Stage.DATA, ctx, outcome)
         verdict = outcome.verdict
+        # Authentication-Results claiming to be ours are forged (RFC 8601 5), whatever checks ran
+        content = strip_header_fields(content, [claims(self.hostname), *ctx.strip_headers])
+        if verdict.action == "quarantine":  # kept in the quarantine, not relayed; 250 + id
+            await txn.upstream.abort()
+            envelope.gateway = None
+            head = self._received(session, ctx, txn.queue_id) + b"".join(
+                f"{n}: {v}\r\n".encode() for n, v in [*outcome.headers, *verdict.headers])
+            item = item_for(txn.queue_id, ctx, verdict, outcome.decided_by,
+                            envelope.mail_options, self.clock.now().isoformat())
+            reply, action = Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"), "quarantine"
+            store = self.pipeline.deps.quarantine
+            try:
+                if store is None:
+                    raise OSError("no quarantine configured")
+                await store.store(item, head + content)
+            except OSError as exc:
+                log.error("quarantine_failed", queue_id=txn.queue_id, error=repr(exc))
+                reply, action = Reply(451, "4.3.0", "Temporary local problem; try again later"), \
+                    "defer"
+            self._decide(session, ctx, outcome, action, verdict.reason, reply, stage="data",
+                         decided_by=outcome.decided_by, txn=txn)
+            return str(reply)
         if not verdict.accepted:
             await txn.upstream.abort()
             envelope.gateway = None
@@ -235,7 +311,10 @@ class Handler:
         started = time.perf_counter()
         reply = await txn.upstream.data(head + content)
         envelope.gateway = None  # finished; a cancelled hook leaves it for the abort on close
-        self.metrics.relay_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.relay_seconds.observe(elapsed)
+        if self.adaptive is not None:
+            self.adaptive.observe(reply.code, elapsed)
         self.metrics.upstream_reply("data", reply.code)
         if reply.ok:
             self.metrics.bytes.inc(len(content))
@@ -245,6 +324,14 @@ class Handler:
         self._decide(session, ctx, outcome, action, reason, reply, stage="data",
                      decided_by="upstream" if not reply.ok else None, txn=txn)
         return str(reply)
+
+    @staticmethod
+    async def _parse(content: bytes):
+        """Parse once for every check; a big message is parsed in a worker thread so that the
+        event loop is never held for long (about 2 ms of CPU per 100 KB)."""
+        if len(content) <= _PARSE_INLINE_MAX:
+            return _PARSER.parsebytes(content)
+        return await asyncio.to_thread(_PARSER.parsebytes, content)
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("internal_error", error=repr(error), exc_info=error)
@@ -269,14 +356,17 @@ class Handler:
             self.metrics.monitored.labels(name, verdict.action).inc()
         if stage == "data":
             self.metrics.recipients.labels(sender, action).inc(len(ctx.recipients))
-        message_id = ctx.message.get("Message-ID", "") if ctx.message is not None else ""
+            if ctx.message_class is not None:
+                self.metrics.message_classes.labels(sender, ctx.message_class, action).inc()
+        # str(): compat32 gives a Header object for a header with raw 8-bit bytes
+        message_id = str(ctx.message.get("Message-ID", "")) if ctx.message is not None else ""
         self.maillog.decision(
             session=session.gateway_id, queue_id=txn.queue_id if txn else None,
             sender=ctx.sender.id if ctx.sender else None, client_ip=str(ctx.client_ip),
             auth=ctx.auth_user, tls=ctx.tls, mail_from=ctx.mail_from,
             message_id=message_id.strip()[:200], size=ctx.size, recipients=ctx.recipients,
             recipient_count=len(ctx.recipients), stage=stage, decision=action, reason=reason,
-            decided_by=decided_by,
+            decided_by=decided_by, message_class=ctx.message_class,
             # an upstream's reply text may name recipients: log only its codes
             reply=(None if reply is None else f"{reply.code} {reply.enhanced}"
                    if decided_by == "upstream" or reason == "relayed" else str(reply)),

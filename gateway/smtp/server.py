@@ -33,9 +33,10 @@ class GatewaySMTP(SMTP):
         super().connection_made(transport)  # after STARTTLS this makes a new Session (RFC 3207)
         if first:
             self._counted = True
-            self.event_handler.session_opened(self.session)
-        elif before is not None:
+            self._refusal = self.event_handler.session_opened(self.session)
+        elif before is not None:  # the same connection: keep its identity and counts
             self.session.gateway_id = before.gateway_id
+            self.session.gateway_sender = before.gateway_sender
 
     def connection_lost(self, error: Exception | None) -> None:
         self._close_transaction()
@@ -68,10 +69,20 @@ class GatewaySMTP(SMTP):
             await asyncio.wait([task])
         await super().smtp_MAIL(arg)
 
+    _refusal = None
+
+    async def _handle_client(self) -> None:
+        if self._refusal is not None:  # over a session cap: say so instead of the greeting
+            await self.push(str(self._refusal))
+            return
+        await super()._handle_client()
+
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str) and not self._greeting_reply:
             status = add_enhanced(status)
         await super().push(status)
+        if isinstance(status, str) and status.startswith("421") and self.transport is not None:
+            self.transport.close()  # 421: the server closes the transmission channel
 
     # RFC 2034 section 3: no enhanced codes in the replies to HELO and EHLO.
     _greeting_reply = False

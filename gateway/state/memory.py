@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
+
 from gateway.clock import Clock
+from gateway.state import Admission, Limit, retry_after
 
 
 class MemoryStore:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._data: dict[str, tuple[bytes, float | None]] = {}
+        self._windows: dict[str, list[float]] = {}
 
     def _now(self) -> float:
         return self.clock.now().timestamp()
@@ -43,8 +47,30 @@ class MemoryStore:
         self._data[key] = (str(value).encode(), expires)
         return value
 
+    async def scan(self, prefix: str) -> dict[str, bytes]:
+        out = {}
+        for key in [k for k in self._data if k.startswith(prefix)]:
+            value = self._live(key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    async def acquire(self, limits: list[Limit], now: float, token: str) -> Admission:
+        wait, worst = 0.0, -1
+        for i, (key, count, window) in enumerate(limits):
+            times = self._windows.setdefault(key, [])
+            del times[:bisect.bisect_right(times, now - window)]
+            w = retry_after(times, count, window, now)
+            if w > wait:
+                wait, worst = w, i
+        if wait == 0:
+            for key, _, _ in limits:
+                bisect.insort(self._windows[key], now)
+        return Admission(wait, worst, len(self._windows[limits[0].key]))
+
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
         self._data.clear()
+        self._windows.clear()

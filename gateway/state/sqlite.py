@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.clock import Clock
-from gateway.state import StoreError
+from gateway.state import Admission, Limit, StoreError, retry_after
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -20,6 +20,11 @@ CREATE TABLE IF NOT EXISTS kv (
     value BLOB NOT NULL,
     expires REAL
 );
+CREATE TABLE IF NOT EXISTS window_events (
+    key TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS window_events_key_at ON window_events (key, at);
 """
 
 
@@ -89,6 +94,41 @@ class SQLiteStore:
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         return await self._run(self._incr, key, amount, ttl, self._now())
+
+    def _scan(self, prefix: str, now: float) -> dict[str, bytes]:
+        rows = self._conn().execute(
+            "SELECT key, value FROM kv WHERE substr(key, 1, ?) = ? "
+            "AND (expires IS NULL OR expires > ?)", (len(prefix), prefix, now)).fetchall()
+        return {k: bytes(v) for k, v in rows}
+
+    async def scan(self, prefix: str) -> dict[str, bytes]:
+        return await self._run(self._scan, prefix, self._now())
+
+    def _acquire(self, limits: list[Limit], now: float) -> Admission:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes too
+        try:
+            wait, worst, counts = 0.0, -1, []
+            for i, (key, count, window) in enumerate(limits):
+                db.execute("DELETE FROM window_events WHERE key = ? AND at <= ?",
+                           (key, now - window))
+                times = [r[0] for r in db.execute(
+                    "SELECT at FROM window_events WHERE key = ? ORDER BY at", (key,))]
+                counts.append(len(times))
+                w = retry_after(times, count, window, now)
+                if w > wait:
+                    wait, worst = w, i
+            if wait == 0:
+                db.executemany("INSERT INTO window_events (key, at) VALUES (?, ?)",
+                               [(key, now) for key, _, _ in limits])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return Admission(wait, worst, counts[0] + (1 if wait == 0 else 0))
+
+    async def acquire(self, limits: list[Limit], now: float, token: str) -> Admission:
+        return await self._run(self._acquire, limits, now)
 
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())

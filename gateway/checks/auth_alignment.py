@@ -1,0 +1,68 @@
+"""Policy IV.B.3.c.i and IV.B.3.c.iii (alignment): the author (From:) domain must be one of the
+sender's registered domains, and an SPF or DKIM pass counts only for a registered domain that is
+aligned with it, DMARC-style (RFC 7489 3.1): relaxed = same organizational domain, found with the
+Public Suffix List (publicsuffixlist's bundled copy, no network), strict = the same domain.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from email.message import Message
+from typing import Literal
+
+from publicsuffixlist import PublicSuffixList
+
+from gateway.smtp.address import valid_domain
+
+AlignmentMode = Literal["relaxed", "strict"]
+
+
+class FromError(ValueError):
+    """The From: header cannot name one author (RFC 5322 3.6.2 / RFC 7489 6.6.1)."""
+
+
+def author_domain(message: Message | None) -> str:
+    """The domain of the single From: address; FromError when there are several From: fields,
+    several addresses, or none that has a valid domain."""
+    fields = message.get_all("From", []) if message is not None else []
+    if not fields:
+        raise FromError("Message has no From: header")
+    if len(fields) > 1:
+        raise FromError(f"Message has {len(fields)} From: headers; exactly one is allowed")
+    addresses = [addr for _, addr in email.utils.getaddresses([str(fields[0])]) if addr]
+    if len(addresses) != 1:
+        raise FromError("From: must hold exactly one address"
+                        + (f" (found {len(addresses)})" if addresses else ""))
+    domain = addresses[0].rpartition("@")[2].strip().rstrip(".").lower()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise FromError("From: address has an invalid domain") from None
+    if not valid_domain(domain):
+        raise FromError("From: address has no valid domain")
+    return domain
+
+
+def registered(domain: str, domains: tuple[str, ...]) -> bool:
+    """``domain`` is one of the sender's registered domains, or a subdomain of one."""
+    domain = domain.lower().rstrip(".")
+    return any(domain == d or domain.endswith("." + d) for d in domains)
+
+
+class Aligner:
+    """Organizational domains from the Public Suffix List; build once (the list takes ~50 ms)."""
+
+    def __init__(self) -> None:
+        self.psl = PublicSuffixList()
+
+    def organizational(self, domain: str) -> str:
+        domain = domain.lower().rstrip(".")
+        return self.psl.privatesuffix(domain) or domain
+
+    def aligned(self, identity: str, author: str, mode: AlignmentMode = "relaxed") -> bool:
+        identity, author = identity.lower().rstrip("."), author.lower().rstrip(".")
+        if not identity or not author:
+            return False
+        if mode == "strict":
+            return identity == author
+        return self.organizational(identity) == self.organizational(author)

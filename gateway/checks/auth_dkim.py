@@ -1,0 +1,240 @@
+"""Policy IV.B.3.c.iii (DKIM half): every DKIM-Signature verified (RFC 6376) with dkimpy.
+
+Key records come from the shared asynchronous resolver (never dkimpy's blocking look-up): the
+signatures are parsed first, their keys fetched concurrently, then dkimpy's hash and signature
+check runs with the fetched key (in a worker thread for large messages). RSA (RFC 8301: keys
+shorter than the configured minimum, never under 1024 bits, fail; rsa-sha1 fails) and Ed25519
+(RFC 8463) are supported. Time checks use the gateway's clock: an ``x=`` in the past fails. A
+signature with ``l=`` covers only part of the body: its result is ``policy`` unless configured.
+Results follow RFC 8601 2.7.1: pass, fail, neutral (malformed signature), policy, temperror
+(key look-up failed for now), permerror (no usable key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import dkim
+import structlog
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from gateway.checks.auth_spf import printable
+from gateway.dns import DnsNameError, DnsTempError
+
+if TYPE_CHECKING:
+    from gateway.dns import Resolver
+
+log = structlog.get_logger("gateway.auth")
+
+DkimResultName = Literal["pass", "fail", "neutral", "policy", "temperror", "permerror"]
+INLINE_LIMIT = 256 * 1024  # larger messages are hashed in a worker thread
+_DOMAIN = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*\Z")
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    result: DkimResultName
+    domain: str = ""  # d=, lower-case
+    selector: str = ""  # s=
+    algorithm: str = ""  # a=
+    b: str = ""  # the first characters of b=, to tell signatures apart (RFC 6008)
+    reason: str = ""
+    key_bits: int = 0
+
+
+@dataclass(frozen=True)
+class DkimOptions:
+    now: float  # Unix time, from the gateway's clock
+    min_rsa_bits: int = 1024
+    allow_body_length: bool = False
+    max_signatures: int = 5
+    clock_skew: int = 300
+
+
+@dataclass
+class _Key:
+    pk: object = None
+    bits: int = 0
+    ktag: bytes = b""
+    tlsrpt: bool = False
+    tags: dict | None = None
+    error: DkimResult | None = None
+
+
+@dataclass
+class _Sig:
+    header: list  # [name, value] as dkimpy parsed it
+    tags: dict
+    domain: str
+    selector: str
+    algorithm: str
+    b: str
+    early: DkimResult | None = None  # decided without the key
+
+    def result(self, result: DkimResultName, reason: str, bits: int = 0) -> DkimResult:
+        return DkimResult(result, self.domain, self.selector, self.algorithm, self.b,
+                          printable(reason), bits)
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
+
+def _prepare(raw: bytes, opts: DkimOptions) -> tuple[dkim.DKIM | None, list[_Sig], str]:
+    """Parse the message and its signatures; decide what can be decided without a key."""
+    try:
+        verifier = dkim.DKIM(raw, minkey=0)
+    except dkim.DKIMException as exc:
+        return None, [], f"message could not be parsed for DKIM: {exc}"
+    found = [h for h in verifier.headers if h[0].lower() == b"dkim-signature"]
+    sigs = []
+    for header in found[:opts.max_signatures]:
+        try:
+            tags = parse_tag_value(header[1])
+        except InvalidTagValueList as exc:
+            sig = _Sig(header, {}, "", "", "", "")
+            sig.early = sig.result("neutral", f"malformed signature: {exc}")
+            sigs.append(sig)
+            continue
+        domain = _text(tags.get(b"d", b"")).strip().lower().rstrip(".")
+        sig = _Sig(header, tags, domain, _text(tags.get(b"s", b"")).strip().lower(),
+                   _text(tags.get(b"a", b"")).strip().lower(),
+                   re.sub(r"\s+", "", _text(tags.get(b"b", b"")))[:12])
+        sig.early = _early(sig, opts)
+        sigs.append(sig)
+    return verifier, sigs, ""
+
+
+def _early(sig: _Sig, opts: DkimOptions) -> DkimResult | None:
+    tags = sig.tags
+    try:
+        # dkimpy's own t=/x= checks use the system clock; ours use the gateway's, below.
+        dkim.validate_signature_fields({k: v for k, v in tags.items() if k not in (b"t", b"x")})
+    except dkim.DKIMException as exc:
+        return sig.result("neutral", f"malformed signature: {exc}")
+    if not _DOMAIN.match(sig.domain) or "." not in sig.domain:
+        return sig.result("neutral", "malformed signature: bad d= domain")
+    if not _DOMAIN.match(sig.selector):
+        return sig.result("neutral", "malformed signature: bad s= selector")
+    headers = [h.strip().lower() for h in re.split(rb":", tags[b"h"])]
+    if b"from" not in headers:
+        return sig.result("permerror", "From: is not signed (h= lacks from)")
+    for name in (b"t", b"x"):
+        if name in tags and not re.fullmatch(rb"\d{1,12}", tags[name].strip()):
+            return sig.result("neutral", f"malformed signature: {name.decode()}= is not a number")
+    t = int(tags[b"t"]) if b"t" in tags else None
+    x = int(tags[b"x"]) if b"x" in tags else None
+    if x is not None and t is not None and x < t:
+        return sig.result("neutral", "malformed signature: x= is before t=")
+    if x is not None and x < opts.now - opts.clock_skew:
+        return sig.result("fail", "signature expired (x= is in the past)")
+    if t is not None and t > opts.now + opts.clock_skew:
+        return sig.result("policy", "signature timestamp (t=) is in the future")
+    if sig.algorithm == "rsa-sha1":
+        return sig.result("fail", "rsa-sha1 signatures are not accepted (RFC 8301)")
+    return None
+
+
+def _parse_key(record: bytes | None, name: str) -> _Key:
+    if record is None:
+        return _Key(error=DkimResult("permerror", reason=f"no key record at {name}"))
+    try:
+        tags = parse_tag_value(record)
+    except InvalidTagValueList as exc:
+        return _Key(error=DkimResult("permerror", reason=f"malformed key record: {exc}"))
+    if not tags.get(b"p", b"").strip():
+        return _Key(error=DkimResult("permerror", reason="key revoked (empty p=)"))
+    try:
+        pk, bits, ktag, tlsrpt = dkim.evaluate_pk(name.encode(), record)
+    except Exception as exc:  # KeyFormatError, NaClNotFoundError, base64 errors
+        return _Key(error=DkimResult("permerror", reason=f"unusable key: {exc}"))
+    return _Key(pk, bits or 0, ktag or b"", bool(tlsrpt), tags)
+
+
+def _verify(verifier: dkim.DKIM, sig: _Sig, key: _Key, opts: DkimOptions) -> DkimResult:
+    if key.error is not None:
+        return sig.result(key.error.result, key.error.reason)
+    family = sig.algorithm.split("-", 1)[0].encode()
+    if family != key.ktag:
+        return sig.result("permerror", f"key type {key.ktag.decode()} does not match a="
+                                       f"{sig.algorithm}")
+    hashes = key.tags.get(b"h")
+    if hashes and sig.algorithm.rsplit("-", 1)[-1].encode() not in [
+            h.strip().lower() for h in hashes.split(b":")]:
+        return sig.result("permerror", "key record's h= does not allow this hash")
+    if key.ktag == b"rsa" and key.bits < opts.min_rsa_bits:
+        return sig.result("fail", f"RSA key of {key.bits} bits is below the minimum of "
+                                  f"{opts.min_rsa_bits}", key.bits)
+    flags = [f.strip() for f in key.tags.get(b"t", b"").split(b":")]
+    if b"s" in flags and b"i" in sig.tags:
+        i_domain = _text(sig.tags[b"i"]).rpartition("@")[2].lower()
+        if i_domain != sig.domain:
+            return sig.result("fail", "key requires i= domain to equal d= (t=s)", key.bits)
+    verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = (
+        key.pk, key.bits, key.ktag, key.tlsrpt)
+    include = [h.strip().lower() for h in re.split(rb":", sig.tags[b"h"])]
+    try:
+        ok = verifier.verify_sig_process(sig.tags, include, sig.header, None)
+    except dkim.ValidationError as exc:
+        if "body hash" in str(exc):
+            return sig.result("fail", "body hash did not verify", key.bits)
+        return sig.result("permerror", str(exc), key.bits)
+    except Exception as exc:  # dkimpy format errors, odd signatures
+        return sig.result("permerror", f"verification error: {exc}", key.bits)
+    if not ok:
+        return sig.result("fail", "signature did not verify", key.bits)
+    if b"l" in sig.tags and not opts.allow_body_length:
+        return sig.result("policy", "l= signs only part of the body", key.bits)
+    return sig.result("pass", "", key.bits)
+
+
+def _verify_all(verifier: dkim.DKIM, sigs: list[_Sig], keys: dict[str, _Key],
+                opts: DkimOptions) -> list[DkimResult]:
+    return [sig.early if sig.early is not None
+            else _verify(verifier, sig, keys[_key_name(sig)], opts) for sig in sigs]
+
+
+def _key_name(sig: _Sig) -> str:
+    return f"{sig.selector}._domainkey.{sig.domain}"
+
+
+def has_signature(raw: bytes) -> bool:
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[:end]
+    return re.search(rb"(?im)^dkim-signature[ \t]*:", head) is not None
+
+
+class DkimVerifier:
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+
+    async def verify(self, raw: bytes, opts: DkimOptions) -> list[DkimResult]:
+        """One result per DKIM-Signature (the first ``max_signatures``); [] when unsigned."""
+        if not has_signature(raw):
+            return []
+        big = len(raw) > INLINE_LIMIT
+        if big:
+            verifier, sigs, error = await asyncio.to_thread(_prepare, raw, opts)
+        else:
+            verifier, sigs, error = _prepare(raw, opts)
+        if verifier is None:
+            return [DkimResult("permerror", reason=printable(error))]
+        names = sorted({_key_name(s) for s in sigs if s.early is None})
+        fetched = await asyncio.gather(*(self._key(n) for n in names))
+        keys = dict(zip(names, fetched))
+        if big:
+            return await asyncio.to_thread(_verify_all, verifier, sigs, keys, opts)
+        return _verify_all(verifier, sigs, keys, opts)
+
+    async def _key(self, name: str) -> _Key:
+        try:
+            records = await self.resolver.txt(name)
+        except DnsTempError as exc:
+            return _Key(error=DkimResult("temperror", reason=f"key look-up failed: {exc}"))
+        except DnsNameError:
+            return _Key(error=DkimResult("permerror", reason=f"no key record at {name}"))
+        return _parse_key(records[0] if records else None, name)
+

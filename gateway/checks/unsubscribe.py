@@ -1,0 +1,136 @@
+"""Policy IV.C.1.a: only transactional mail may be sent without an unsubscribe link.
+
+Every message whose class (the ``message_class`` check) is not transactional must carry
+``List-Unsubscribe`` (RFC 2369) with at least one ``https:`` or ``mailto:`` URI. With an
+``https:`` URI it must also carry ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``
+(RFC 8058 one-click unsubscribe). When the message is DKIM-signed, a signature must cover these
+headers: its ``h=`` tag lists List-Unsubscribe, and List-Unsubscribe-Post when present (RFC 8058
+section 4). Whether the signature verifies is the DKIM check's business, not this one's.
+
+Anything missing or malformed is refused with 550 5.7.1 naming what is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, reject
+from gateway.checks.message_class import message_class_of
+from gateway.config import CheckSettings
+
+ONE_CLICK = "List-Unsubscribe=One-Click"
+_COMMENT = re.compile(r"\([^()]*\)")
+_BRACKETED = re.compile(r"<([^<>]*)>")
+_SEPARATORS = re.compile(r"[\s,]*")
+_BAD_URI_CHARS = re.compile(r"[\x00-\x20\x7f-\uffff<>\"\\^`{|}]")
+_POLICY = "policy IV.C.1.a"
+
+
+@dataclass(frozen=True)
+class UnsubscribeSettings(CheckSettings):
+    # With an https: URI in List-Unsubscribe, also require
+    # "List-Unsubscribe-Post: List-Unsubscribe=One-Click" (RFC 8058).
+    require_one_click: bool = True
+    # When the message has DKIM-Signature headers, require one whose h= tag lists
+    # List-Unsubscribe (and List-Unsubscribe-Post when present).
+    require_signed: bool = True
+
+
+def _fail(text: str, reason: str) -> Verdict:
+    return reject(550, "5.7.1", text, reason)
+
+
+def parse_list_unsubscribe(value: str) -> list[str] | None:
+    """The URIs of an RFC 2369 List-Unsubscribe value, or None when it is not a list of
+    ``<URI>`` items separated by commas (comments in parentheses and whitespace allowed)."""
+    text = value.replace("\r", "").replace("\n", "")
+    text = _COMMENT.sub(" ", text)
+    uris = []
+    pos = 0
+    for m in _BRACKETED.finditer(text):
+        if not _SEPARATORS.fullmatch(text, pos, m.start()):
+            return None
+        uris.append(re.sub(r"\s+", "", m.group(1)))  # RFC 2369: internal whitespace is ignored
+        pos = m.end()
+    if not uris or not _SEPARATORS.fullmatch(text, pos):
+        return None
+    return uris
+
+
+def usable_uri(uri: str) -> str | None:
+    """``"https"`` or ``"mailto"`` when ``uri`` is a well-formed URI of that scheme, else None."""
+    scheme, colon, rest = uri.partition(":")
+    scheme = scheme.lower()
+    if not colon or not rest or _BAD_URI_CHARS.search(uri):
+        return None
+    if scheme == "https":
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            return None
+        return "https" if parts.hostname else None
+    if scheme == "mailto":
+        address = rest.partition("?")[0]
+        local, at, domain = address.rpartition("@")
+        return "mailto" if at and local and "." in domain else None
+    return None
+
+
+def dkim_signed_headers(value: str) -> set[str]:
+    """The lower-cased header names in the ``h=`` tag of one DKIM-Signature value."""
+    for tag in value.split(";"):
+        name, eq, tag_value = tag.partition("=")
+        if eq and name.strip().lower() == "h":
+            return {h.strip().lower() for h in re.sub(r"\s+", "", tag_value).split(":") if h}
+    return set()
+
+
+class Unsubscribe(Check):
+    name = "unsubscribe"
+    stage = Stage.DATA
+    description = "non-transactional mail carries List-Unsubscribe (https: one-click or mailto:)"
+    Settings = UnsubscribeSettings
+
+    async def check(self, ctx: Context) -> Verdict:
+        message = ctx.message
+        message_class = message_class_of(ctx, self.deps)
+        if message_class == "transactional" or message is None:
+            return ACCEPT
+        settings = self.settings(ctx)
+        why = f"{message_class} mail must be unsubscribable ({_POLICY}, RFC 2369, RFC 8058)"
+        values = message.get_all("List-Unsubscribe") or []
+        if not values:
+            return _fail(f"List-Unsubscribe header is missing; {why}: add List-Unsubscribe with "
+                         "an https: (one-click) or mailto: URI", "unsubscribe_missing")
+        if len(values) > 1:
+            return _fail(f"List-Unsubscribe appears {len(values)} times; give one header with "
+                         "all URIs", "unsubscribe_malformed")
+        uris = parse_list_unsubscribe(str(values[0]))
+        if uris is None:
+            return _fail("List-Unsubscribe is malformed: expected <https:...> and/or "
+                         "<mailto:...> URIs in angle brackets, separated by commas",
+                         "unsubscribe_malformed")
+        schemes = {usable_uri(u) for u in uris} - {None}
+        if not schemes:
+            return _fail(f"List-Unsubscribe has no valid https: or mailto: URI; {why}",
+                         "unsubscribe_no_uri")
+        posts = message.get_all("List-Unsubscribe-Post") or []
+        if "https" in schemes and settings.require_one_click and not posts:
+            return _fail(f"List-Unsubscribe-Post: {ONE_CLICK} is missing; it is required with "
+                         "an https: unsubscribe URI (RFC 8058 one-click)", "one_click_missing")
+        if posts and (len(posts) > 1 or str(posts[0]).strip() != ONE_CLICK):
+            return _fail(f"List-Unsubscribe-Post is malformed: expected exactly one header "
+                         f"\"List-Unsubscribe-Post: {ONE_CLICK}\" (RFC 8058)",
+                         "one_click_malformed")
+        signatures = message.get_all("DKIM-Signature") or []
+        if signatures and settings.require_signed:
+            needed = ["list-unsubscribe"] + (["list-unsubscribe-post"] if posts else [])
+            if not any(set(needed) <= dkim_signed_headers(str(s)) for s in signatures):
+                names = " and ".join(["List-Unsubscribe", "List-Unsubscribe-Post"][:len(needed)])
+                return _fail(f"DKIM-Signature does not cover {names}: list "
+                             f"{'them' if posts else 'it'} in the h= tag of the signature "
+                             "(RFC 8058 section 4)", "unsubscribe_unsigned")
+        return ACCEPT
