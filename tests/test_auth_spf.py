@@ -188,8 +188,9 @@ async def test_helo_identity(resolver):
     r = await spf(resolver, "u@all-fail.spf.test", "192.0.2.3", helo="a.spf.test",
                   identity="helo")
     assert (r.identity, r.domain, r.result) == ("helo", "a.spf.test", "pass")
-    r = await spf(resolver, "", "192.0.2.3", helo="A2345678", identity="helo")
-    assert r.result == "none"  # not a FQDN (4.3)
+    for helo in ("A2345678", "[192.0.2.3]", "under_score.spf.test"):
+        r = await spf(resolver, "", "192.0.2.3", helo=helo, identity="helo")
+        assert r.result == "none", helo  # not a FQDN (4.3)
 
 
 async def test_null_reverse_path_checks_postmaster_at_helo(resolver):

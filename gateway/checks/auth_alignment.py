@@ -34,7 +34,7 @@ def author_domain(message: Message | None) -> str:
         raise FromError("From: must hold exactly one address"
                         + (f" (found {len(addresses)})" if addresses else ""))
     domain = addresses[0].rpartition("@")[2].strip().rstrip(".").lower()
-    try:
+    try:  # (8-bit header bytes reach here as U+FFFD and fail: no SMTPUTF8 is offered)
         domain = domain.encode("idna").decode("ascii")
     except UnicodeError:
         raise FromError("From: address has an invalid domain") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -83,10 +84,22 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", "replace")
 
 
+def _split(raw: bytes) -> tuple[list, bytes]:
+    """dkimpy's (headers, body) of the message. dkimpy's parser splits every line of the body
+    to turn bare LFs into CRLFs; a message that has none (SMTP's own line ending throughout)
+    needs only its header parsed, and its body is the bytes after the blank line."""
+    end = raw.find(b"\r\n\r\n")
+    if end >= 0 and raw.count(b"\n") == raw.count(b"\r\n"):
+        headers, _ = dkim.rfc822_parse(raw[:end + 4])
+        return headers, raw[end + 4:]
+    return dkim.rfc822_parse(raw)
+
+
 def _prepare(raw: bytes, opts: DkimOptions) -> tuple[dkim.DKIM | None, list[_Sig], str]:
     """Parse the message and its signatures; decide what can be decided without a key."""
     try:
-        verifier = dkim.DKIM(raw, minkey=0)
+        verifier = dkim.DKIM(None, minkey=0)
+        verifier.headers, verifier.body = _split(raw)
     except dkim.DKIMException as exc:
         return None, [], f"message could not be parsed for DKIM: {exc}"
     found = [h for h in verifier.headers if h[0].lower() == b"dkim-signature"]
@@ -208,8 +221,13 @@ def has_signature(raw: bytes) -> bool:
 
 
 class DkimVerifier:
-    def __init__(self, resolver: Resolver) -> None:
+    """Built once per gateway; keeps the last parsed keys (by record text) so a cached TXT
+    record is not parsed again for every message."""
+
+    def __init__(self, resolver: Resolver, parsed_keys: int = 256) -> None:
         self.resolver = resolver
+        self._parsed: OrderedDict[tuple[str, bytes | None], _Key] = OrderedDict()
+        self._parsed_max = parsed_keys
 
     async def verify(self, raw: bytes, opts: DkimOptions) -> list[DkimResult]:
         """One result per DKIM-Signature (the first ``max_signatures``); [] when unsigned."""
@@ -236,5 +254,14 @@ class DkimVerifier:
             return _Key(error=DkimResult("temperror", reason=f"key look-up failed: {exc}"))
         except DnsNameError:
             return _Key(error=DkimResult("permerror", reason=f"no key record at {name}"))
-        return _parse_key(records[0] if records else None, name)
+        record = records[0] if records else None
+        key = self._parsed.get((name, record))
+        if key is None:
+            key = _parse_key(record, name)
+            self._parsed[(name, record)] = key
+            if len(self._parsed) > self._parsed_max:
+                self._parsed.popitem(last=False)
+        else:
+            self._parsed.move_to_end((name, record))
+        return key
 

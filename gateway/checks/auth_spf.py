@@ -18,6 +18,7 @@ import spf
 import structlog
 
 from gateway.dns import Answer, DnsNameError, DnsTempError
+from gateway.smtp.address import valid_domain
 
 if TYPE_CHECKING:
     from gateway.dns import Resolver
@@ -40,10 +41,6 @@ class SpfResult:
     domain: str  # the domain checked: MAIL FROM's, or the HELO name
     result: SpfResultName
     explanation: str = ""  # pyspf's reason or the domain's exp= text, printable
-
-    @property
-    def address(self) -> str:
-        return self.domain
 
 
 class _Query(spf.query):
@@ -97,9 +94,9 @@ def evaluate(lookup: Callable[[str, str], Answer], ip: str, mail_from: str, helo
     """
     sender = mail_from if identity == "mailfrom" else ""
     domain = _domain_of(sender, helo)
-    labels = domain.rstrip(".").split(".")
-    if len(labels) < 2 or not all(0 < len(label) < 64 for label in labels):
-        # RFC 7208 4.3: not a multi-label domain name (or malformed): "none", no DNS
+    if not valid_domain(domain.rstrip(".")):
+        # RFC 7208 4.3: malformed, an address literal or not a multi-label domain name:
+        # "none", without a DNS query
         return SpfResult(identity, domain, "none", "not a fully qualified domain name")
     q = _Query(lookup, time.monotonic() + time_limit, i=ip, s=sender, h=helo,
                receiver=receiver, strict=True, timeout=time_limit)

@@ -1,0 +1,149 @@
+"""Sender-authentication pieces that need no DNS: From: parsing, registered domains, alignment
+with the Public Suffix List, the Authentication-Results format, header stripping, settings."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import textwrap
+
+import pytest
+
+from gateway.checks.auth_alignment import Aligner, FromError, author_domain, registered
+from gateway.checks.auth_dkim import DkimResult, has_signature
+from gateway.checks.auth_results import authserv_id, claims, format_value, quote
+from gateway.checks.auth_spf import SpfResult
+from gateway.checks.base import strip_header_fields
+from gateway.config import load_config
+from gateway.typed import ConfigError
+
+PARSER = email.parser.BytesParser(policy=email.policy.compat32)
+
+
+def parse(head: str):
+    return PARSER.parsebytes(head.replace("\n", "\r\n").encode() + b"\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("head,domain", [
+    ("From: news@Em.Acme.Example\n", "em.acme.example"),
+    ("From: Acme News <news@em.acme.example>\n", "em.acme.example"),
+    ('From: "Acme, News" <news@em.acme.example>\n', "em.acme.example"),
+    ("From: =?utf-8?q?Acme?= <news@em.acme.example.>\n", "em.acme.example"),
+    ("From: news@xn--bcher-kva.example\n", "xn--bcher-kva.example"),
+])
+def test_author_domain(head, domain):
+    assert author_domain(parse(head)) == domain
+
+
+@pytest.mark.parametrize("head,error", [
+    ("Subject: x\n", "Message has no From: header"),
+    ("From: a@x.example\nFrom: b@x.example\n", "Message has 2 From: headers"),
+    ("From: a@x.example, b@x.example\n", r"From: must hold exactly one address \(found 2\)"),
+    ("From: Group: a@x.example, b@y.example;\n", "found 2"),
+    ("From: undisclosed\n", "From: address has no valid domain"),
+    ("From: a@localhost\n", "From: address has no valid domain"),
+    ("From: news@b\u00fccher.example\n", "From: address has an invalid domain"),
+])
+def test_author_domain_refuses(head, error):
+    with pytest.raises(FromError, match=error):
+        author_domain(parse(head))
+
+
+def test_registered_domains_and_subdomains():
+    assert registered("acme.example", ("acme.example",))
+    assert registered("em.acme.example.", ("acme.example",))
+    assert not registered("notacme.example", ("acme.example",))
+    assert not registered("example", ("acme.example",))
+
+
+def test_relaxed_and_strict_alignment():
+    a = Aligner()
+    assert a.organizational("em.acme.example") == "acme.example"
+    assert a.organizational("mail.example.co.uk") == "example.co.uk"
+    assert a.aligned("bounce.em.acme.example", "em.acme.example")
+    assert not a.aligned("acme.example", "acme-mail.example")
+    assert not a.aligned("a.example.co.uk", "b.other.co.uk")  # co.uk is a public suffix
+    assert not a.aligned("user1.github.io", "user2.github.io")  # private suffix section
+    assert a.aligned("em.acme.example", "EM.acme.example.", "strict")
+    assert not a.aligned("bounce.em.acme.example", "em.acme.example", "strict")
+
+
+def test_authentication_results_value():
+    spf = [SpfResult("mailfrom", "em.acme.example", "pass"),
+           SpfResult("helo", "mx.acme.example", "softfail", 'owner "discourages" it')]
+    dkim = [DkimResult("pass", "acme.example", "s1", "rsa-sha256", "ab/c+d=", "", 2048),
+            DkimResult("fail", "acme.example", "s2", "ed25519-sha256", "xyz", "body hash did "
+                       "not verify")]
+    assert format_value("gw.test", spf, dkim, "pass", "em.acme.example").split(";\r\n\t") == [
+        "gw.test",
+        "spf=pass smtp.mailfrom=em.acme.example",
+        'spf=softfail reason="owner \\"discourages\\" it" smtp.helo=mx.acme.example',
+        'dkim=pass (2048-bit key) header.d=acme.example header.s=s1 header.b="ab/c+d="',
+        'dkim=fail reason="body hash did not verify" header.d=acme.example header.s=s2 '
+        "header.b=xyz",
+        "dmarc=pass header.from=em.acme.example"]
+    assert "dkim=none" in format_value("gw.test", spf[:1], [], "fail", "x.example")
+
+
+def test_quote():
+    assert quote("pass.acme.example") == "pass.acme.example"
+    assert quote("a b") == '"a b"'
+    assert quote("a/b") == '"a/b"'
+
+
+@pytest.mark.parametrize("value,ident", [
+    ("gw.test; spf=pass", "gw.test"),
+    (" (our gateway) GW.Test ; spf=pass", "GW.Test"),
+    ('"gw.test"; none', "gw.test"),
+    ("gw.test 1; none", "gw.test"),
+    ("(a (nested) comment)gw.test;", "gw.test"),
+    ("", ""),
+])
+def test_authserv_id(value, ident):
+    assert authserv_id(value) == ident
+
+
+def test_strip_header_fields_removes_folded_fields_byte_exactly():
+    raw = (b"Received: from x\r\n\tby y\r\n"
+           b"Authentication-Results: gw.test;\r\n\tspf=pass\r\n"
+           b"authentication-results: other.test; spf=fail\r\n"
+           b"Subject: kept\r\n\r\nAuthentication-Results: gw.test; in the body\r\n")
+    out = strip_header_fields(raw, [claims("gw.test")])
+    assert out == (b"Received: from x\r\n\tby y\r\n"
+                   b"authentication-results: other.test; spf=fail\r\n"
+                   b"Subject: kept\r\n\r\nAuthentication-Results: gw.test; in the body\r\n")
+    assert strip_header_fields(raw, [claims("elsewhere.test")]) is raw
+    assert strip_header_fields(raw, []) is raw
+
+
+def test_has_signature_looks_only_at_the_header():
+    assert has_signature(b"DKIM-Signature: v=1\r\nFrom: a@b.example\r\n\r\nbody")
+    assert has_signature(b"From: a@b.example\r\ndkim-signature : v=1\r\n\r\nbody")
+    assert not has_signature(b"From: a@b.example\r\n\r\nDKIM-Signature: v=1\r\n")
+
+
+def test_settings_are_validated(tmp_path):
+    path = tmp_path / "gateway.toml"
+
+    def load(table: str):
+        path.write_text("[checks.sender_auth]\n" + textwrap.dedent(table))
+        return load_config(path).checks["sender_auth"]
+
+    s = load('require = "dkim"\non_fail = "quarantine"\nmin_rsa_bits = 2048\n')
+    assert (s.require, s.on_fail, s.min_rsa_bits, s.mode) == ("dkim", "quarantine", 2048,
+                                                              "enforce")
+    for table, key in [('require = "either"', "require"), ("min_rsa_bits = 512", "min_rsa_bits"),
+                       ('junk_header = "X Junk"', "junk_header"), ('on_fail = "drop"', "on_fail"),
+                       ("max_signatures = 0", "max_signatures")]:
+        with pytest.raises(ConfigError, match=rf"checks\.sender_auth\.{key}"):
+            load(table)
+
+
+def test_shipped_configuration_documents_every_key():
+    from pathlib import Path
+
+    from gateway.checks.sender_auth import SenderAuthSettings
+
+    config = load_config(Path(__file__).parent.parent / "gateway.toml")
+    assert config.checks["sender_auth"] == SenderAuthSettings()
+    assert config.dns.nameservers == () and config.quarantine.dir == Path("var/quarantine")
