@@ -368,6 +368,9 @@ def test_monitor_mode_relays_and_counts(start, sink):
     assert len(sink.messages) == 1
     assert header(sink.messages[0].content, "X-Ecomm-Junk") == []
     assert gw.metric("gateway_check_monitored_total", check="sender_auth", action="reject") == 1
+    # what the check found is still recorded for campus mail
+    [ar] = header(sink.messages[0].content, "Authentication-Results")
+    assert ar.startswith("gw.test; spf=fail")
 
 
 def test_sender_file_overrides_on_fail(start, sink):
