@@ -1,29 +1,30 @@
 #!/usr/bin/env python3
 """Throughput benchmark: the gateway versus direct-to-sink, in one run, on loopback only.
 
-    python bench/throughput.py                      # N=2000, C=20, 10 KB, log levels warning+info
-    python bench/throughput.py -n 5000 -c 50 --size 20000 --rounds 3 --min-ratio 0.5
+    python bench/throughput.py                # N=2000, C=20, 10 KB; gateway at warning and info
+    python bench/throughput.py --rounds 5 --min-ratio 0.5
 
-Three kinds of process, each its own Python interpreter (one event loop, one GIL each):
+Three kinds of process, each its own interpreter (one event loop, one GIL each), not pinned:
 
-* the sink: a plain aiosmtpd server on 127.0.0.1 that accepts everything (``_sink``);
-* the gateway: ``python -m gateway serve --config <tmp>/gateway.toml``, relaying to the sink
-  over its pool of aiosmtplib connections (one gateway process per log level measured);
+* the sink: a plain aiosmtpd server on 127.0.0.1 that accepts everything (``_sink``); with
+  ``--checks all`` it also answers the gateway's DNS queries for the bench's own names;
+* the gateway: ``python -m gateway serve --config <tmp>/gateway.toml`` relaying to the sink over
+  its pool of aiosmtplib connections (one gateway process per log level measured);
 * the load generator: C asyncio sessions with aiosmtplib, each keeping its connection open and
   sending its share of the N messages back to back (MAIL, RCPT, DATA) (``_load``), or Postfix's
   ``smtp-source`` with ``--driver smtp-source``.
 
-Each round measures "direct" (load generator -> sink) and then "gateway" (load generator ->
-gateway -> sink) for each log level, with the same N, C and message size. The figure compared is
-messages per second over the measured phase (after every session has connected and sent its
-warm-up message, so that the gateway's upstream pool is filled). The CPU seconds each process
-used during the measured phase are read from /proc and shown per message.
+Each round measures "direct" (load generator -> sink), then "gateway" (load generator ->
+gateway -> sink) for each log level, with the same N, C and message size: messages per second
+from the moment every session has connected and sent one warm-up message (so the gateway's
+upstream pool is full) to the last reply to a final dot. The CPU each process used in that phase
+is read from /proc and shown per message. See bench/README.md for how to read the figures.
 
-Everything binds 127.0.0.1 only. Every child process is stopped and the temporary directory
-removed when the run ends, whether it finishes, fails or hits the hard time limit (--time-limit).
+Everything binds 127.0.0.1. Every child process is stopped and the temporary directory removed
+when the run ends: finished, failed, interrupted (Ctrl-C) or at the hard --time-limit.
 
-Exit status: 0, or 1 with --min-ratio when the (median) gateway/direct ratio of the first log
-level is below it, or 2 when messages failed or the run did not complete.
+Exit status: 0; 1 with --min-ratio when the ratio of the first log level is below it; 2 when
+messages failed or the run did not complete.
 """
 
 from __future__ import annotations
@@ -79,6 +80,39 @@ class SinkHandler:
         return f"250 2.0.0 Ok: queued as S{self.count}"
 
 
+class BenchDNS(asyncio.DatagramProtocol):
+    """A minimal authoritative DNS responder for the bench's own names (--checks all): the
+    sender domain's SPF record authorizes 127.0.0.1; every other name is NXDOMAIN. Nothing is
+    forwarded, so no query leaves loopback."""
+
+    RECORDS = {(f"{SENDER_DOMAIN}.", "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"']}
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:  # not DNS: ignore
+            return
+        reply = dns.message.make_response(query)
+        reply.flags |= 0x0400  # AA
+        if query.question:
+            q = query.question[0]
+            name, qtype = q.name.to_text().lower(), dns.rdatatype.to_text(q.rdtype)
+            values = self.RECORDS.get((name, qtype))
+            if values:
+                reply.answer.append(dns.rrset.from_text(q.name, 300, "IN", qtype, *values))
+            elif not any(n == name for n, _ in self.RECORDS):
+                reply.set_rcode(dns.rcode.NXDOMAIN)
+        self.transport.sendto(reply.to_wire(), addr)
+
+
 def run_sink(args) -> int:
     from aiosmtpd.smtp import SMTP
 
@@ -89,7 +123,11 @@ def run_sink(args) -> int:
             lambda: SMTP(handler, hostname="sink.bench", ident="bench sink",
                          data_size_limit=64 * 1024 * 1024),
             host=HOST, port=args.port)
-        print(server.sockets[0].getsockname()[1], flush=True)
+        dns_port = 0
+        if args.dns:
+            transport, _ = await loop.create_datagram_endpoint(BenchDNS, local_addr=(HOST, 0))
+            dns_port = transport.get_extra_info("sockname")[1]
+        print(server.sockets[0].getsockname()[1], dns_port, flush=True)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -386,13 +424,14 @@ def drive_smtp_source(children: Children, port: int, args, label: str,
     return res
 
 
-def start_sink(children: Children) -> tuple[subprocess.Popen, int]:
-    proc = children.start([sys.executable, str(Path(__file__).resolve()), "_sink"],
-                          stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.strip().isdigit():
+def start_sink(children: Children, dns: bool) -> tuple[subprocess.Popen, int, int]:
+    """The sink process: its SMTP port, and the port of its DNS responder (0 when none)."""
+    proc = children.start([sys.executable, str(Path(__file__).resolve()), "_sink"]
+                          + (["--dns"] if dns else []), stdout=subprocess.PIPE, text=True)
+    ports = proc.stdout.readline().split()
+    if len(ports) != 2 or not all(p.isdigit() for p in ports):
         raise RuntimeError("the sink did not start")
-    return proc, int(line)
+    return proc, int(ports[0]), int(ports[1])
 
 
 IDENTIFY_CHECKS = ("identity", "registration", "return_path")
@@ -414,12 +453,35 @@ def gateway_features() -> dict:
             return set()
         return {f.name for f in dataclasses.fields(getattr(gconfig, cls))}
 
-    return {"checks": [c.name for c in CHECKS], "limits": keys("limits", "LimitsConfig"),
+    names = list(dict.fromkeys(c.name for c in CHECKS))  # a check may run at two stages
+    return {"checks": names, "limits": keys("limits", "LimitsConfig"),
             "dns": keys("dns", "DnsConfig")}
 
 
+def start_redis(children: Children, directory: Path) -> str:
+    """A redis-server on loopback for the --rate-limit redis variant; its URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("--rate-limit redis needs redis-server (apt-get install redis-server)")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    children.start([exe, "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
+                    "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), 0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return f"redis://{HOST}:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
 def write_gateway_config(directory: Path, sink_port: int, log_level: str, args,
-                         features: dict) -> tuple[Path, int, int]:
+                         features: dict, state_url: str = "memory:",
+                         rate_limit: bool = False) -> tuple[Path, int, int]:
     directory.mkdir(parents=True)
     (directory / "senders").mkdir()
     (directory / "senders" / "bench.toml").write_text(SENDER_FILE)
@@ -435,7 +497,7 @@ def write_gateway_config(directory: Path, sink_port: int, log_level: str, args,
         pool_size = {max(20, args.c)}
 
         [state]
-        url = "memory:"
+        url = "{state_url}"
 
         [university]
         domains = ["{RCPT_DOMAIN}"]
@@ -456,14 +518,17 @@ def write_gateway_config(directory: Path, sink_port: int, log_level: str, args,
     limits = {k: v for k, v in limits.items() if k in features["limits"]}
     if limits:
         text += "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
-    # No DNS query may leave loopback: point any resolver at a closed port on 127.0.0.1.
+    # No DNS query may leave loopback: the resolver asks the sink's responder (--checks all),
+    # or a closed port on 127.0.0.1.
     if "nameservers" in features["dns"]:
-        text += f'\n[dns]\nnameservers = ["{HOST}:{free_port()}"]\n'
+        text += f'\n[dns]\nnameservers = ["{HOST}:{args.dns_port or free_port()}"]\n'
         if "timeout" in features["dns"]:
             text += "timeout = 1.0\n"
     modes = {name: ("enforce" if args.checks == "all" or name in IDENTIFY_CHECKS else "off")
              for name in features["checks"]}
     modes.update(args.check_modes)
+    if rate_limit:
+        modes["rate_limit"] = "enforce"
     for name, mode in modes.items():
         text += f'\n[checks.{name}]\nmode = "{mode}"\n'
     path = directory / "gateway.toml"
@@ -529,6 +594,14 @@ _BOILERPLATE = {  # frames every sample of the gateway goes through
     "BaseEventLoop.run_forever (base_events.py)", "BaseEventLoop._run_once (base_events.py)"}
 
 
+def _short_frame(frame: str) -> str:
+    """``"func (/path/to/file.py:12)"`` -> ``"func (file.py)"``."""
+    if " (" not in frame:
+        return frame
+    name, where = frame.rsplit(" (", 1)
+    return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1].rstrip(')')})"
+
+
 def summarize_profile(path: Path, kind: str, top: int = 25) -> None:
     """Print the hottest functions: cumulative (inclusive) and own time."""
     if kind == "cprofile":
@@ -545,8 +618,7 @@ def summarize_profile(path: Path, kind: str, top: int = 25) -> None:
             continue
         n = int(count)
         total += n
-        frames = [f.rsplit(" (", 1)[0] + " (" + f.rsplit(" (", 1)[1].split(":")[0].rsplit("/", 1)[-1]
-                  + ")" if " (" in f else f for f in stack.split(";")]
+        frames = [_short_frame(f) for f in stack.split(";")]
         for f in set(frames) - _BOILERPLATE:
             inclusive[f] = inclusive.get(f, 0) + n
         own[frames[-1]] = own.get(frames[-1], 0) + n
@@ -603,12 +675,20 @@ def run(args) -> int:
         if unknown:
             raise RuntimeError(f"--check-mode: no check named {', '.join(sorted(unknown))} "
                                f"(checks: {', '.join(features['checks'])})")
-        sink, sink_port = start_sink(children)
+        sink, sink_port, args.dns_port = start_sink(children, dns=args.checks == "all")
         gateways = {}
-        for level in args.log_levels:
+        # (label, log level, state url, rate limit on): the log levels first, then one variant
+        # per --rate-limit backend, at the first log level, to price the rate decision
+        variants = [(level, level, "memory:", False) for level in args.log_levels]
+        for backend in args.rate_limits:
+            url = {"memory": "memory:", "sqlite": "sqlite:state.sqlite3"}.get(backend) \
+                or start_redis(children, tmp / "redis")
+            variants.append((f"{args.log_levels[0]}+rate {backend}", args.log_levels[0], url, True))
+        for level, log_level, state_url, rate in variants:
+            slug = level.replace(" ", "-").replace("+", "-")
             config, smtp_port, admin_port = write_gateway_config(
-                tmp / f"gw-{level}", sink_port, level, args, features)
-            proc = start_gateway(children, config, admin_port, tmp / f"gw-{level}" / "log",
+                tmp / f"gw-{slug}", sink_port, log_level, args, features, state_url, rate)
+            proc = start_gateway(children, config, admin_port, tmp / f"gw-{slug}" / "log",
                                  args.profile, args.gateway_uvloop)
             gateways[level] = (proc, smtp_port, config)
             if args.profile == "py-spy":
@@ -630,7 +710,7 @@ def run(args) -> int:
                 res = drive(children, smtp_port, args, label,
                             {"gateway": proc.pid, "sink": sink.pid})
                 results.setdefault(label, []).append(res)
-                print(f"  round {r + 1}: {label:<17} {res.rate:8.0f} msgs/s", flush=True)
+                print(f"  round {r + 1}: {label:<26} {res.rate:8.0f} msgs/s", flush=True)
         for level, (proc, _, config) in gateways.items():
             if level in spies:
                 spies[level].send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
@@ -712,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_sink"]:
         p = argparse.ArgumentParser(prog="throughput.py _sink")
         p.add_argument("--port", type=int, default=0)
+        p.add_argument("--dns", action="store_true")
         return run_sink(p.parse_args(argv[1:]))
     if argv[:1] == ["_load"]:
         p = argparse.ArgumentParser(prog="throughput.py _load")
@@ -724,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--time-limit", type=float, required=True)
         return run_load(p.parse_args(argv[1:]))
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--messages", dest="n", type=int, default=2000,
                    help="messages per measurement (default %(default)s)")
@@ -732,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="concurrent SMTP sessions (default %(default)s)")
     p.add_argument("--size", type=int, default=10_000,
                    help="message size in bytes (default %(default)s)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int, default=3,
                    help="repeat direct + gateway this many times; report medians "
                         "(default %(default)s)")
     p.add_argument("--log-level", dest="log_levels", action="append",
@@ -748,6 +829,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="gateway checks: 'identify' (default, the documented target) enforces "
                         "identity, registration and return_path and turns every other check off; "
                         "'all' enforces every check")
+    p.add_argument("--rate-limit", dest="rate_limits", action="append", default=[],
+                   choices=["memory", "sqlite", "redis"],
+                   help="also run the gateway with the rate_limit check on (limits too high to "
+                        "bind) over this state backend, to price the rate decision; repeat")
     p.add_argument("--check-mode", dest="check_modes", action="append", default=[],
                    metavar="NAME=MODE", help="override one check's mode (enforce, monitor, off); "
                                              "repeat")

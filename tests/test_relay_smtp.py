@@ -189,3 +189,67 @@ def test_large_message_parsed_off_the_loop_is_relayed_intact(gateways, sink):
     client.quit()
     assert code == 250
     assert sink.messages[0].content.endswith(body.split(b"\r\n\r\n", 1)[1])
+
+
+def _raw_session(gw, payload: bytes) -> bytes:
+    """Send ``payload`` in one write after EHLO/MAIL/RCPT/DATA and return all the replies."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"EHLO client.test\r\nMAIL FROM:<bounce-1@em.acme.example>\r\n"
+                  b"RCPT TO:<alice@example.edu>\r\nDATA\r\n")
+        replies = b""
+        while not replies.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"):
+            replies += f.readline()
+        s.sendall(payload)
+        out = b""
+        while True:
+            line = f.readline()
+            if not line:
+                return out
+            out += line
+            if line.startswith(b"221"):
+                return out
+
+
+def test_bare_lf_dot_does_not_end_the_message(gateways, sink):
+    """SMTP smuggling: only <CRLF>.<CRLF> ends DATA; "\\n.\\r\\n" inside is content."""
+    gw = gateways.start(upstream=sink.url)
+    smuggled = (MESSAGE + b"legit\n.\r\nMAIL FROM:<bounce-2@em.acme.example>\r\n"
+                b"RCPT TO:<bob@example.edu>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    replies = _raw_session(gw, smuggled)
+    assert replies.count(b"250 2.0.0 Ok: queued as") == 1
+    assert replies.endswith(b"221 2.0.0 Bye\r\n")
+    [msg] = sink.messages
+    assert msg.rcpt_tos == ["alice@example.edu"]
+    assert b"Subject: smuggled" in msg.content  # delivered as the content it was
+
+
+def test_pipelined_commands_after_the_final_dot(gateways, sink):
+    gw = gateways.start(upstream=sink.url)
+    replies = _raw_session(gw, MESSAGE + b".\r\nMAIL FROM:<bounce-2@em.acme.example>\r\n"
+                                         b"RCPT TO:<bob@example.edu>\r\nQUIT\r\n")
+    assert replies == (b"250 2.0.0 Ok: queued as SINK1\r\n250 2.1.0 Sender OK\r\n"
+                       b"250 2.1.5 OK\r\n221 2.0.0 Bye\r\n")
+    assert [m.rcpt_tos for m in sink.messages] == [["alice@example.edu"]]
+
+
+def test_message_split_across_many_reads_is_relayed_exactly(gateways, sink):
+    import socket
+
+    gw = gateways.start(upstream=sink.url)
+    lines = [b"line %d ends with a dot." % i for i in range(3000)] + [b".starts with a dot"]
+    body = MESSAGE + b"\r\n".join(lines) + b"\r\n"
+    wire = body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"EHLO c\r\nMAIL FROM:<bounce-1@em.acme.example>\r\nRCPT TO:<a@example.edu>\r\nDATA\r\n")
+        while not f.readline().startswith(b"354"):
+            pass
+        for i in range(0, len(wire), 997):  # odd slices: terminators split across reads
+            s.sendall(wire[i:i + 997])
+        assert f.readline() == b"250 2.0.0 Ok: queued as SINK1\r\n"
+    assert sink.messages[0].content.endswith(body.split(b"\r\n\r\n", 1)[1])

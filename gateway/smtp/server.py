@@ -1,10 +1,11 @@
-"""aiosmtpd's SMTP protocol, adapted for a relay that must be strict and say why.
+"""aiosmtpd's SMTP protocol, adapted for a relay that must be strict, fast, and say why.
 
 - every reply carries an enhanced status code (we advertise ENHANCEDSTATUSCODES; aiosmtpd's
   built-in replies have none, so :func:`add_enhanced` supplies the standard one);
 - envelope paths are handed to the handler raw, so routing tricks are seen and refused rather
   than silently cleaned, and ``<>`` reaches the handler instead of a 501;
 - SMTP AUTH passwords are verified off the event loop (scrypt is deliberately slow);
+- DATA is read in large slices rather than line by line;
 - an upstream transaction left open by RSET, EHLO, a refused DATA or a dropped connection is
   aborted, so the pooled upstream connection is returned.
 """
@@ -14,12 +15,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 
 from gateway.smtp.address import split_path
 from gateway.smtp.replies import add_enhanced
 
 NULL_PATH = "<>"
+DATA_WINDOW = 256 * 1024  # bytes scanned (and buffered) per read while receiving DATA
 
 
 class GatewaySMTP(SMTP):
@@ -106,6 +108,66 @@ class GatewaySMTP(SMTP):
         if path is None:
             return None, None
         return (path or NULL_PATH), rest
+
+    # DATA: aiosmtpd reads the message line by line through a 1001-byte window, which costs a
+    # fifth of the gateway's CPU per message. This reads it in large slices, looking only for
+    # the terminating <CRLF>.<CRLF> (exactly that: a bare-LF "dot" never ends the message, so
+    # SMTP smuggling cannot split one message into two), then un-stuffs it in one pass.
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_data()
+        if content is None:
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> bytes | None:
+        """The message up to its terminating line, un-stuffed; None when it is over the size
+        limit (then it is read to its end and discarded, never buffered beyond the limit)."""
+        reader = self._reader
+        limit = self.data_size_limit or (1 << 62)
+        parts: list[bytes] = []
+        size, tail, too_big = 0, b"", False
+        saved, reader._limit = reader._limit, DATA_WINDOW  # see the comment above
+        try:
+            while True:
+                try:
+                    piece = await reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as exc:  # no ".\r\n" in the window yet
+                    piece = await reader.readexactly(exc.consumed)
+                size += len(piece)
+                if not too_big:
+                    if size > limit + 3:  # (+3: the terminating ".\r\n")
+                        too_big = True
+                        parts.clear()
+                    else:
+                        parts.append(piece)
+                tail = (tail + piece)[-5:]
+                if tail.endswith(b"\r\n.\r\n") or (size == 3 and tail == b".\r\n"):
+                    break
+        finally:
+            reader._limit = saved
+        if too_big:
+            return None
+        data = b"".join(parts)[:-3]  # drop ".\r\n"; what is left ends with CRLF (or is empty)
+        if data.startswith(b"."):
+            data = data[1:]
+        return data.replace(b"\r\n.", b"\r\n")
 
     # AUTH: aiosmtpd parses PLAIN and LOGIN and then calls _authenticate synchronously; we let
     # it parse, then verify the credentials in a worker thread.
