@@ -15,7 +15,6 @@ class Outcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     monitored: list[tuple[str, Verdict]] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
-    drop: dict[str, str] = field(default_factory=dict)  # recipient -> "check:rule" (Verdict.drop)
 
 
 class Pipeline:
@@ -38,13 +37,6 @@ class Pipeline:
             self.observe(check.name, elapsed)
             if verdict.accepted:
                 outcome.headers.extend(verdict.headers)
-                if verdict.drop:
-                    if mode == "monitor":
-                        outcome.monitored.append((check.name, verdict))
-                        continue
-                    outcome.drop.update((r, f"{check.name}:{rule}") for r, rule in verdict.drop)
-                    if ctx.recipients and all(r in outcome.drop for r in ctx.recipients):
-                        break  # nothing left to relay: the later checks have nothing to decide
                 continue
             if mode == "monitor":
                 # the message goes on; what the check found (e.g. Authentication-Results) is
