@@ -19,6 +19,7 @@ from gateway.checks.pipeline import Pipeline
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, parse_hostport
 from gateway.dns import Resolver
+from gateway.flags import open_flags
 from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
 from gateway.quarantine import Quarantine
@@ -29,6 +30,7 @@ from gateway.senders import Registry, load_registry
 from gateway.smtp.handler import Handler
 from gateway.smtp.server import GatewaySMTP
 from gateway.state import open_store
+from gateway.unsubscribe_endpoint import UnsubscribeEndpoint
 
 log = structlog.get_logger("gateway")
 
@@ -54,8 +56,9 @@ class Gateway:
         self.metrics = Metrics(self.metrics_registry)
         self.store = open_store(cfg.state.url, self.clock, cfg.base_dir)
         self.upstream = open_upstream(cfg, self.clock)
-        self.maillog = MailLog(load_hash_key(cfg.path(cfg.logging.hash_key_file)),
-                               clear_recipients=cfg.logging.recipients == "clear")
+        hash_key = load_hash_key(cfg.path(cfg.logging.hash_key_file))
+        self.maillog = MailLog(hash_key, clear_recipients=cfg.logging.recipients == "clear",
+                               level=cfg.logging.level)
         self.adaptive = self._adaptive_rate()
         self.dns = Resolver(clock=self.clock, nameservers=cfg.dns.nameservers,
                             timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size,
@@ -63,9 +66,14 @@ class Gateway:
         self.quarantine = Quarantine(cfg.path(cfg.quarantine.dir))
         self.throttles = Throttles(self.store, self.clock, cfg.limits.throttle_refresh)
         self.admin_token = load_token(cfg.path(cfg.admin.token_file))
+        self.flags = open_flags(cfg, self.store)  # recipient flags, keyed with [flags] key_file
+        self.unsubscribe = UnsubscribeEndpoint(config=cfg, flags=self.flags,
+                                               registry=self.registry, clock=self.clock,
+                                               maillog=self.maillog, metrics=self.metrics)
         deps = Deps(config=cfg, registry=self.registry, clock=self.clock, state=self.store,
                     metrics=self.metrics, adaptive=self.adaptive, throttles=self.throttles,
-                    dns=self.dns, quarantine=self.quarantine)
+                    dns=self.dns, quarantine=self.quarantine, recipient_key=hash_key,
+                    flags=self.flags)
         self.pipeline = Pipeline([c(deps) for c in CHECKS], deps,
                                  observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
         self.handler = Handler(config=cfg, registry=self.registry, pipeline=self.pipeline,
@@ -107,6 +115,7 @@ class Gateway:
         from gateway.admin import admin_app
 
         await self.store.ping()
+        await self.flags.check_key()  # a lost or swapped key file would void every flag
         tls = server_tls_context(self.config)
         loop = asyncio.get_running_loop()
         for item in self.config.server.listen:
@@ -156,10 +165,14 @@ class Gateway:
                     p.transport.close()
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0)  # let the closed sessions' handlers unwind
+        # let the closed sessions' handler tasks finish unwinding before the loop goes away
+        tasks = [t for p in self.sessions if (t := p._handler_coroutine) and not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
         await self.handler.drain()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        await self.unsubscribe.close()
         await self.upstream.close()
         await self.dns.close()
         await self.store.close()

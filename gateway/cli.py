@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 from gateway.config import Config, load_config
+from gateway.senders import Registry
 from gateway.typed import ConfigError
 
 DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "gateway.toml")
 
 
-def _load(args) -> tuple[Config, "Registry"]:  # noqa: F821
+def _load(args) -> tuple[Config, Registry]:
     from gateway.senders import load_registry
 
     config = load_config(args.config)
@@ -28,9 +29,15 @@ def cmd_serve(args) -> int:
     from gateway.app import serve
     from gateway.maillog import configure_logging
 
+    from gateway.flags import FlagKeyMismatch
+
     config, _ = _load(args)
     configure_logging(config.logging.level, config.logging.format)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except FlagKeyMismatch as exc:
+        print(f"error: {config.path(config.flags.key_file)}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -368,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     qdelete = quarantine.add_parser("delete", parents=[common], help="remove without relaying")
     qdelete.add_argument("id")
     qdelete.set_defaults(func=cmd_quarantine_delete)
+    from gateway.flags_cli import add_parser as add_flags_parser
+
+    add_flags_parser(sub, common)  # gateway flags import | remove | check | list | export-optouts
     return parser
 
 

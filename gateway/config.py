@@ -7,6 +7,7 @@ directory of the configuration file, so the gateway runs the same from any worki
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
@@ -181,8 +182,28 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class UniversityList:
+    """A university distribution list (``[[university.lists]]``): mail to its address reaches
+    ``members`` university addresses (policy IV.B.3.c.iv counts them as the audience)."""
+
+    address: str
+    members: int
+
+    def validate(self, file, prefix):
+        from gateway.smtp.address import AddressError, parse_mailbox
+
+        try:
+            parse_mailbox(self.address)
+        except AddressError as exc:
+            raise ConfigError(file, f"{prefix}.address", f"{self.address!r}: {exc}") from None
+        if self.members < 1:
+            raise ConfigError(file, f"{prefix}.members", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class UniversityConfig:
     domains: tuple[str, ...] = ("example.edu", "*.example.edu")
+    lists: tuple[UniversityList, ...] = ()
 
     def validate(self, file, prefix):
         if not self.domains:
@@ -191,6 +212,66 @@ class UniversityConfig:
             reason = DomainSet.pattern_error(d)
             if reason:
                 raise ConfigError(file, f"{prefix}.domains[{i}]", reason)
+        domains, seen = DomainSet(self.domains), set()
+        for i, lst in enumerate(self.lists):
+            key = f"{prefix}.lists[{i}].address"
+            if lst.address.rpartition("@")[2].lower() not in domains:
+                raise ConfigError(file, key, f"{lst.address!r} is not in a university domain")
+            if lst.address.lower() in seen:
+                raise ConfigError(file, key, f"{lst.address!r} is listed twice")
+            seen.add(lst.address.lower())
+
+
+@dataclass(frozen=True)
+class BusinessHoursConfig:
+    """Policy IV.B.3.c.iv: business hours, and the audience size not to be sent to in them."""
+
+    timezone: str = "America/Denver"
+    days: tuple[str, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri")
+    start: str = "08:00"
+    end: str = "17:00"
+    holidays: tuple[dt.date, ...] = ()
+    large_audience: int = 15000
+    window: str = "7d"
+
+    def validate(self, file, prefix):
+        from gateway import business_hours as bh
+        from gateway.rates import parse_duration
+
+        try:
+            bh.load_zone(self.timezone)
+        except ValueError as exc:
+            raise ConfigError(file, f"{prefix}.timezone", str(exc)) from None
+        if not self.days:
+            raise ConfigError(file, f"{prefix}.days", "needs at least one day (Mon ... Sun)")
+        for i, day in enumerate(self.days):
+            try:
+                bh.parse_day(day)
+            except ValueError as exc:
+                raise ConfigError(file, f"{prefix}.days[{i}]", str(exc)) from None
+        try:
+            start = bh.parse_hhmm(self.start)
+        except ValueError as exc:
+            raise ConfigError(file, f"{prefix}.start", str(exc)) from None
+        try:
+            end = bh.parse_hhmm(self.end, allow_24=True)
+        except ValueError as exc:
+            raise ConfigError(file, f"{prefix}.end", str(exc)) from None
+        if end <= start:
+            raise ConfigError(file, f"{prefix}.end", f"{self.end!r} must be later than start "
+                              f"{self.start!r} (hours within one day)")
+        if self.large_audience < 1:
+            raise ConfigError(file, f"{prefix}.large_audience", "must be at least 1")
+        try:
+            parse_duration(self.window)
+        except ValueError as exc:
+            raise ConfigError(file, f"{prefix}.window", str(exc)) from None
+
+    @property
+    def window_seconds(self) -> float:
+        from gateway.rates import parse_duration
+
+        return parse_duration(self.window)
 
 
 @dataclass(frozen=True)
@@ -245,6 +326,37 @@ class QuarantineConfig:
 
 
 @dataclass(frozen=True)
+class FlagsConfig:
+    """Recipient flags and preferences (gateway.flags; policy IV.C.1.b, IV.C.4.a-b)."""
+
+    key_file: Path = Path("var/flags.key")
+    subaddress_separator: str = "+"
+    unsubscribe_base_url: str = ""
+    unsubscribe_scope: Literal["sender", "organization", "global"] = "sender"
+    unsubscribe_days: int = 60
+    forward_timeout: float = 10.0
+    forward_ca_file: Path | None = None
+    uniform_replies: bool = False
+
+    def validate(self, file, prefix):
+        if len(self.subaddress_separator) > 1 or self.subaddress_separator.isalnum() \
+                or self.subaddress_separator in ("@", '"', "."):
+            raise ConfigError(file, f"{prefix}.subaddress_separator",
+                              "one punctuation character such as \"+\", or \"\" for none")
+        if self.unsubscribe_base_url:
+            parts = urlsplit(self.unsubscribe_base_url)
+            if (parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment
+                    or any(c.isspace() for c in self.unsubscribe_base_url)):
+                raise ConfigError(file, f"{prefix}.unsubscribe_base_url",
+                                  f"{self.unsubscribe_base_url!r}: expected https://host[/path] "
+                                  "(RFC 8058 one-click links are https)")
+        if self.unsubscribe_days < 1:
+            raise ConfigError(file, f"{prefix}.unsubscribe_days", "must be at least 1")
+        if self.forward_timeout <= 0:
+            raise ConfigError(file, f"{prefix}.forward_timeout", "must be positive")
+
+
+@dataclass(frozen=True)
 class CheckSettings:
     mode: Mode = "enforce"
 
@@ -262,6 +374,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     dns: DnsConfig = DnsConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
+    flags: FlagsConfig = FlagsConfig()
+    business_hours: BusinessHoursConfig = BusinessHoursConfig()
     checks: dict[str, CheckSettings] = field(default_factory=dict)
 
     @property

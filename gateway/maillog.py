@@ -61,8 +61,11 @@ def load_token(path: Path) -> str:
 
 
 class MailLog:
-    def __init__(self, hash_key: bytes, clear_recipients: bool = False) -> None:
+    def __init__(self, hash_key: bytes, clear_recipients: bool = False,
+                 level: str = "info") -> None:
         self.log = structlog.get_logger("gateway.mail")
+        # decisions are logged at info: below that level the handler skips building them
+        self.enabled = logging.getLevelName(level.upper()) <= logging.INFO
         self.key = hash_key
         self.clear = clear_recipients
 
@@ -81,6 +84,15 @@ class MailLog:
                      reply: str, reason: str) -> None:
         self.log.info("rcpt_refused", session=session_id, client_ip=client_ip, sender=sender,
                       rcpt=self.rcpt_id(rcpt), reply=reply, reason=reason)
+
+    def rcpt_dropped(self, session_id: str, queue_id: str, sender: str | None, rcpt: str,
+                     rule: str) -> None:
+        """A recipient accepted at RCPT but left out of the relay (gateway.flags): the audit
+        record, with the recipient hashed and the rule by its opaque name."""
+        if not self.enabled:
+            return
+        self.log.info("rcpt_dropped", session=session_id, queue_id=queue_id, sender=sender,
+                      rcpt=self.rcpt_id(rcpt), rule=rule)
 
     def decision(self, **fields) -> None:
         """One line per message decision: accepted, rejected, deferred, at MAIL or DATA."""

@@ -73,5 +73,33 @@ class Metrics:
             "gateway_sessions_refused", "Sessions refused (421 4.7.0) over a concurrency cap",
             ["cap"], registry=registry)
 
+        # large audiences in business hours (policy IV.B.3.c.iv; labels: registered sender ids)
+        self.large_audience_campaigns = Counter(
+            "gateway_large_audience_campaigns", "Campaigns whose audience went over [business_hours] "
+            "large_audience, counted once at the crossing, by sender and basis (declared, lists, "
+            "observed)", ["sender", "basis"], registry=registry)
+        self.large_audience_refusals = Counter(
+            "gateway_large_audience_deferrals", "Messages of large-audience campaigns refused "
+            "during business hours (in monitor mode: that would have been), by sender, reason (what made the audience large: declared, "
+            "lists, observed) and action (defer: 451, reject: 550)",
+            ["sender", "reason", "action"], registry=registry)
+        self.large_audience_max = Gauge(
+            "gateway_large_audience_max", "Audience size of the sender's largest campaign seen "
+            "within [business_hours] window (by this gateway)", ["sender"], registry=registry)
+
+        # one-click unsubscribes recorded by the gateway (gateway.unsubscribe_endpoint); the
+        # recipients the flags left out are gateway_recipients{decision="dropped"}
+        self.unsubscribes = Counter(
+            "gateway_unsubscribes", "One-click unsubscribe requests by outcome: recorded, "
+            "replayed (already recorded), invalid, expired, bad_request, unavailable",
+            ["outcome"], registry=registry)
+        self.unsubscribe_forwards = Counter(
+            "gateway_unsubscribe_forwards", "One-click unsubscribes forwarded to the vendor, by "
+            "result (ok, failed)", ["result"], registry=registry)
+        self.flags_unchecked = Counter(
+            "gateway_flags_unchecked", "Messages or recipients let through without the recipient "
+            "flags because the state store was unreachable ([state] on_error = \"local\")",
+            registry=registry)
+
     def upstream_reply(self, stage: str, code: int) -> None:
         self.upstream_replies.labels(stage, f"{code // 100}xx").inc()

@@ -37,7 +37,7 @@ def check_hash_format(encoded: str) -> str | None:
     """Return None when ``encoded`` is a usable hash, else the reason it is not."""
     if encoded.startswith("$argon2"):
         try:
-            import argon2  # noqa: F401
+            import argon2  # noqa: F401  (only whether it is installed)
         except ImportError:
             return "argon2 hashes need the argon2-cffi package installed"
         return None

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.files import fsync_dir, write_atomic
 from gateway.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -53,24 +53,6 @@ class Item:
         return any(o.upper() == "BODY=8BITMIME" for o in self.mail_options)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(tmp: Path, final: Path, data: bytes) -> None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, final)
-
-
 class Quarantine:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -83,11 +65,11 @@ class Quarantine:
         if not _ID.match(item.id):
             raise QuarantineError(f"bad quarantine id {item.id!r}")
         meta = json.dumps(asdict(item), indent=1).encode()
-        _write_atomic(self.path / "tmp" / f"{item.id}.json", self.path / "meta" / f"{item.id}.json",
+        write_atomic(self.path / "tmp" / f"{item.id}.json", self.path / "meta" / f"{item.id}.json",
                       meta)
-        _write_atomic(self.path / "tmp" / item.id, self.path / "new" / item.id, content)
-        _fsync_dir(self.path / "meta")
-        _fsync_dir(self.path / "new")
+        write_atomic(self.path / "tmp" / item.id, self.path / "new" / item.id, content)
+        fsync_dir(self.path / "meta")
+        fsync_dir(self.path / "new")
 
     async def store(self, item: Item, content: bytes) -> None:
         await asyncio.to_thread(self._store, item, content)
@@ -135,7 +117,7 @@ class Quarantine:
 
     def _update(self, item: Item) -> None:
         meta = json.dumps(asdict(item), indent=1).encode()
-        _write_atomic(self.path / "tmp" / f"{item.id}.json.new",
+        write_atomic(self.path / "tmp" / f"{item.id}.json.new",
                       self.path / "meta" / f"{item.id}.json", meta)
 
     async def release(self, item_id: str, upstream: Upstream) -> tuple[Reply, list[tuple[str, Reply]]]:

@@ -41,3 +41,25 @@ def test_sender_file_overrides_global_mode(gateways, sink):
     client = gw2.smtp()
     assert client.mail("news@em.acme.example")[0] == 550
     client.quit()
+
+
+def test_no_parse_when_no_check_reads_the_message(gateways, sink, logs):
+    from gateway.checks import CHECKS
+
+    names = {c.name for c in CHECKS if c.uses_message} - {"identity", "registration", "return_path"}
+    off = "".join(f'[checks.{name}]\nmode = "off"\n' for name in sorted(names))
+    gw = gateways.start(off, upstream=sink.url)
+    handler = gw.gateway.handler
+    parsed = []
+    original = handler._parse
+
+    async def spy(content):
+        parsed.append(len(content))
+        return await original(content)
+
+    handler._parse = spy
+    client, (code, _) = send(gw)
+    client.quit()
+    assert code == 250 and parsed == []
+    assert logs.events("message")[0]["message_id"] == "<m1@em.acme.example>"
+    handler._parse = original

@@ -96,7 +96,7 @@ def test_redis_down_defers_then_recovers(gateways, redis_server, sink, logs):
     gw = gateways.start(WIDE + f'[state]\nurl = "{redis_server.url}"\n', upstream=sink.url)
     assert send_one(gw)[0] == 250
     redis_server.stop()
-    assert send_one(gw) == (451, b"4.3.0 Rate-limit state is unavailable; try again later")
+    assert send_one(gw) == (451, b"4.3.0 Temporary local problem; try again later")
     assert any(e["event"] == "state_unavailable" for e in logs.lines())
     redis_server.start()  # an empty Redis on the same port
     assert send_one(gw)[0] == 250
@@ -123,3 +123,24 @@ def test_throttle_through_redis_reaches_every_gateway(gateways, redis_server, si
     gateways.clock.advance(1)  # the other gateway re-reads throttles within a second
     codes = [send_one(second)[0] for _ in range(2)] + [send_one(first)[0] for _ in range(2)]
     assert codes == [250, 250, 250, 451]
+
+
+async def test_redis_acquire_matches_the_other_backends(redis_server):
+    from gateway.clock import FakeClock
+    from gateway.state import Limit
+    from gateway.state.redis import RedisStore
+
+    clock = FakeClock()
+    store = RedisStore(redis_server.url, clock)
+    now = clock.now().timestamp()
+    sender, gateway = Limit("rate:acme:60", 3, 60.0), Limit("rate:global:60", 4, 60.0)
+    assert [(await store.acquire([sender, gateway], now + i, f"t{i}")).used
+            for i in range(3)] == [1, 2, 3]
+    refused = await store.acquire([sender, gateway], now + 10, "t3")
+    assert (refused.wait, refused.limit) == (50.0, 0)
+    other = Limit("rate:beta:60", 3, 60.0)
+    assert (await store.acquire([other, gateway], now + 10, "b1")).wait == 0
+    full = await store.acquire([other, gateway], now + 11, "b2")
+    assert (full.wait, full.limit) == (49.0, 1)
+    assert (await store.acquire([sender], now + 60, "t4")).wait == 0
+    await store.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Sink, free_port, send
+from tests.conftest import Sink, send
 
 
 @pytest.fixture

@@ -56,3 +56,26 @@ async def test_sqlite_survives_restart(tmp_path):
     await again.close()
     rows = sqlite3.connect(tmp_path / "var" / "s.sqlite3").execute("SELECT key FROM kv").fetchall()
     assert sorted(r[0] for r in rows) == ["budget:acme", "throttle:acme"]
+
+
+async def test_acquire_sliding_window_all_or_nothing(backend):
+    from gateway.state import Limit
+
+    url, clock, base = backend
+    store = open_store(url, clock, base)
+    now = clock.now().timestamp()
+    sender = Limit("rate:acme:60", 3, 60.0)
+    gateway = Limit("rate:global:60", 4, 60.0)
+    results = [await store.acquire([sender, gateway], now + i, f"t{i}") for i in range(3)]
+    assert [r.wait for r in results] == [0, 0, 0]
+    assert [r.used for r in results] == [1, 2, 3]
+    refused = await store.acquire([sender, gateway], now + 10, "t3")
+    assert (refused.wait, refused.limit) == (50.0, 0)  # the oldest leaves at now + 60
+    # the refused attempt recorded nothing: another sender still fits the global limit once
+    other = Limit("rate:beta:60", 3, 60.0)
+    assert (await store.acquire([other, gateway], now + 10, "b1")).wait == 0
+    full = await store.acquire([other, gateway], now + 11, "b2")
+    assert (full.wait, full.limit) == (49.0, 1)  # now the gateway-wide limit binds
+    # exactly 60 s after the first event, it has left the window (half-open window)
+    assert (await store.acquire([sender], now + 60, "t4")).wait == 0
+    await store.close()

@@ -3,8 +3,10 @@
 from gateway.checks.attachments import Attachments
 from gateway.checks.base import ACCEPT, Check, Context, Deps, Stage, Verdict, defer, reject
 from gateway.checks.identity import Identity
+from gateway.checks.large_audience import LargeAudience
 from gateway.checks.message_class import MessageClass
 from gateway.checks.rate_limit import RateLimit
+from gateway.checks.recipient_flags import RecipientFlags, RecipientFlagsAtRcpt
 from gateway.checks.registration import Registration
 from gateway.checks.return_path import ReturnPath
 from gateway.checks.sender_auth import SenderAuth
@@ -15,7 +17,13 @@ from gateway.checks.unsubscribe import Unsubscribe
 CHECKS: tuple[type[Check], ...] = (Identity, Registration, ReturnPath,
                                    MessageClass, Unsubscribe, Attachments,
                                    SenderAuth,  # SPF/DKIM/alignment: DNS, after the cheap ones
-                                   RateLimit)  # last: only a message ready to relay spends budget
+                                   LargeAudience,  # counts the audience; defers in business hours
+                                   # flagged recipients (RCPT in reject mode; DATA): after every
+                                   # refusal, so the vendor learns of those
+                                   RecipientFlagsAtRcpt, RecipientFlags,
+                                   # last: only a message about to be relayed spends budget (one
+                                   # whose every recipient was dropped is not relayed)
+                                   RateLimit)
 CHECK_SETTINGS = {c.name: c.Settings for c in CHECKS}
 
 __all__ = ["ACCEPT", "CHECKS", "CHECK_SETTINGS", "Check", "Context", "Deps", "Stage", "Verdict",

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.senders import Registry, Sender
     from gateway.state import Store
+    from gateway.flags import FlagStore
 
 
 class Stage(enum.Enum):
@@ -43,6 +44,10 @@ class Verdict:
     reply: Reply | None = None
     reason: str = ""  # short, stable, for logs and metric labels
     headers: tuple[tuple[str, str], ...] = ()
+    # An accepted verdict may leave recipients out of the relay: (recipient, rule) pairs, the
+    # rule an opaque label for the log. handle_DATA relays to the others (restarting the
+    # upstream transaction without them); none left: 250, nothing relayed (gateway.flags).
+    drop: tuple[tuple[str, str], ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -81,6 +86,10 @@ class Context:
     # Header fields DATA checks want removed from the relayed message: predicates on
     # (name, unfolded value), applied by handle_DATA (e.g. forged Authentication-Results).
     strip_headers: list[Callable[[str, str], bool]] = field(default_factory=list)
+    # At RCPT: the recipient being decided (normalized), before it is forwarded upstream.
+    rcpt: str | None = None
+    # Recipient flags looked up so far, by recipient (checks.recipient_flags); never logged.
+    recipient_flags: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,10 @@ class Deps:
     throttles: Throttles | None = None  # run-time throttles, shared with the admin API
     dns: Resolver | None = None  # the shared asynchronous resolver and cache (gateway.dns)
     quarantine: Quarantine | None = None  # where "quarantine" verdicts store messages
+    # the mail log's recipient-hashing key ([logging] hash_key_file): checks that keep recipients
+    # in the state store keep them as keyed hashes with it (gateway.audience.recipient_hash)
+    recipient_key: bytes | None = None
+    flags: FlagStore | None = None  # recipient flags (gateway.flags), keyed with [flags] key_file
 
 
 class Check:
@@ -107,9 +120,17 @@ class Check:
     stage: ClassVar[Stage]
     description: ClassVar[str] = ""
     Settings: ClassVar[type[CheckSettings]] = CheckSettings
+    # reads ctx.message (the parsed MIME tree); a DATA check that only needs the envelope or the
+    # raw bytes says False, so that the message is not parsed for it
+    uses_message: ClassVar[bool] = True
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
+
+    def active(self, ctx: Context) -> bool:
+        """False when the check has nothing to do for this transaction whatever its mode (e.g.
+        a RCPT-stage half that only one setting uses): skipped like ``off``, untimed."""
+        return True
 
     def settings(self, ctx: Context) -> CheckSettings:
         """This check's settings for the transaction: the sender's own, else the global ones."""

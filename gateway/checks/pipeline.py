@@ -15,6 +15,7 @@ class Outcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     monitored: list[tuple[str, Verdict]] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
+    drop: dict[str, str] = field(default_factory=dict)  # recipient -> "check:rule" (Verdict.drop)
 
 
 class Pipeline:
@@ -23,12 +24,17 @@ class Pipeline:
         self.by_stage = {stage: [c for c in checks if c.stage is stage] for stage in Stage}
         self.observe = observe or (lambda name, seconds: None)
 
+    def needs_message(self, stage: Stage, ctx: Context) -> bool:
+        """Whether a check that will run at ``stage`` reads the parsed MIME tree (so the
+        handler parses only when one does)."""
+        return any(c.uses_message and c.settings(ctx).mode != "off" for c in self.by_stage[stage])
+
     async def run(self, stage: Stage, ctx: Context, outcome: Outcome | None = None) -> Outcome:
         """Run ``stage``'s checks; the first enforced non-accept verdict ends the run."""
         outcome = outcome or Outcome()
         for check in self.by_stage[stage]:
             mode = check.settings(ctx).mode
-            if mode == "off":
+            if mode == "off" or not check.active(ctx):
                 continue
             started = time.perf_counter()
             verdict = await check.check(ctx)
@@ -37,6 +43,13 @@ class Pipeline:
             self.observe(check.name, elapsed)
             if verdict.accepted:
                 outcome.headers.extend(verdict.headers)
+                if verdict.drop:
+                    if mode == "monitor":
+                        outcome.monitored.append((check.name, verdict))
+                        continue
+                    outcome.drop.update((r, f"{check.name}:{rule}") for r, rule in verdict.drop)
+                    if ctx.recipients and all(r in outcome.drop for r in ctx.recipients):
+                        break  # nothing left to relay: the later checks have nothing to decide
                 continue
             if mode == "monitor":
                 # the message goes on; what the check found (e.g. Authentication-Results) is

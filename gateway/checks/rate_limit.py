@@ -38,6 +38,7 @@ class RateLimit(Check):
     name = "rate_limit"
     stage = Stage.DATA
     description = "sender and gateway-wide sending rates, with run-time throttles"
+    uses_message = False
 
     def __init__(self, deps) -> None:
         super().__init__(deps)
@@ -138,5 +139,6 @@ class RateLimit(Check):
 
     def _store_down(self, exc: StoreError) -> Verdict:
         log.error("state_unavailable", error=str(exc))
-        return defer(451, "4.3.0", "Rate-limit state is unavailable; try again later",
+        # the same words as every check that finds the state store down: one outage, one reply
+        return defer(451, "4.3.0", "Temporary local problem; try again later",
                      "state_unavailable")

@@ -32,6 +32,11 @@ class UpstreamError(Exception):
 class Transaction(Protocol):
     async def rcpt(self, address: str) -> Reply: ...
 
+    async def restart(self, recipients: list[str]) -> Reply:
+        """Start the transaction over with only ``recipients`` (RSET, MAIL FROM as before, RCPT
+        each): how recipients already forwarded are left out before the data. The first reply
+        that is not a success is returned (the caller then aborts); else the last RCPT's."""
+
     async def data(self, content: bytes) -> Reply: ...
 
     async def abort(self) -> None: ...

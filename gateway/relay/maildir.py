@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+from gateway.files import fsync_dir, write_atomic
 from gateway.smtp.replies import Reply
 
 
@@ -29,19 +30,8 @@ class MaildirUpstream:
         name = f"{time.time_ns()}.P{os.getpid()}R{secrets.token_hex(8)}.{self._host}"
         head = [f"Return-Path: <{mail_from}>"] + [f"Delivered-To: {r}" for r in recipients]
         body = ("\n".join(head) + "\n").encode() + content.replace(b"\r\n", b"\n")
-        tmp, new = self.path / "tmp" / name, self.path / "new" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, new)
-        dirfd = os.open(self.path / "new", os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        write_atomic(self.path / "tmp" / name, self.path / "new" / name, body)
+        fsync_dir(self.path / "new")
         return name
 
     async def close(self) -> None:
@@ -55,6 +45,10 @@ class MaildirTransaction:
 
     async def rcpt(self, address: str) -> Reply:
         self.recipients.append(address)
+        return Reply(250, "2.1.5", "OK")
+
+    async def restart(self, recipients: list[str]) -> Reply:
+        self.recipients = list(recipients)
         return Reply(250, "2.1.5", "OK")
 
     async def data(self, content: bytes) -> Reply:

@@ -8,7 +8,7 @@ import ssl
 from urllib.parse import urlsplit
 
 import aiosmtplib
-from aiosmtplib import (SMTPException, SMTPRecipientRefused, SMTPResponseException,
+from aiosmtplib import (SMTPException, SMTPResponseException,
                         SMTPSenderRefused, SMTPServerDisconnected)
 
 from gateway.clock import Clock
@@ -70,7 +70,7 @@ class SMTPUpstream:
         except BaseException:
             self._slots.release()
             raise
-        return SMTPTransaction(self, client)
+        return SMTPTransaction(self, client, (mail_from, eightbit, size))
 
     async def _checkout(self, mail_from: str, eightbit: bool, size: int | None) -> aiosmtplib.SMTP:
         now = self.clock.monotonic()
@@ -122,8 +122,10 @@ class SMTPTransaction:
     after a completed or reset transaction, and is closed after any transport failure, a 421,
     or a client that vanished while a command was in flight."""
 
-    def __init__(self, upstream: SMTPUpstream, client: aiosmtplib.SMTP) -> None:
+    def __init__(self, upstream: SMTPUpstream, client: aiosmtplib.SMTP,
+                 mail: tuple[str, bool, int | None] = ("", False, None)) -> None:
         self.upstream, self.client = upstream, client
+        self._mail_args = mail  # MAIL FROM, 8BITMIME, SIZE: for restart()
         self._done = False
         self._busy = False
 
@@ -154,6 +156,22 @@ class SMTPTransaction:
         if self._done:
             return CONNECTION_LOST
         reply = await self._command(lambda: self.client.rcpt(address))
+        if reply is not None and reply.code == 421:
+            self._finish(reusable=False)
+        return reply or CONNECTION_LOST
+
+    async def restart(self, recipients: list[str]) -> Reply:
+        if self._done:
+            return CONNECTION_LOST
+        reply = await self._command(self.client.rset)
+        if reply is not None and reply.ok:
+            mail_from, eightbit, size = self._mail_args
+            options = self.upstream._options(self.client, eightbit, size)
+            reply = await self._command(lambda: self.client.mail(mail_from, options=options))
+        for address in recipients:
+            if reply is None or not reply.ok:
+                break
+            reply = await self._command(lambda a=address: self.client.rcpt(a))
         if reply is not None and reply.code == 421:
             self._finish(reusable=False)
         return reply or CONNECTION_LOST

@@ -12,6 +12,7 @@ import email.utils
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -59,6 +60,20 @@ class Transaction:
     outcome: Outcome
     started: float
     refused: list[str] = field(default_factory=list)
+
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+
+
+def _message_id(ctx: Context) -> str:
+    """The Message-ID for the log: from the parsed message, or (when no check needed the
+    parse) found in the raw header block."""
+    if ctx.message is not None:
+        # str(): compat32 gives a Header object for a header with raw 8-bit bytes
+        return str(ctx.message.get("Message-ID", "")).strip()[:200]
+    head = ctx.raw[:ctx.raw.find(b"\r\n\r\n") + 2] if ctx.raw else b""
+    m = _MESSAGE_ID.search(head)
+    return m.group(1).decode("utf-8", "replace").strip()[:200] if m else ""
 
 
 def _sender_label(ctx: Context) -> str:
@@ -255,11 +270,29 @@ class Handler:
         if mailbox.domain not in self.university:
             return (Reply(550, "5.7.1", f"Relaying denied: {mailbox.domain} is not a university "
                                         "domain"), "relay_denied")
+        refused = await self._rcpt_checks(txn, str(mailbox))
+        if refused is not None:  # decided here: never forwarded upstream
+            return refused
         reply = await txn.upstream.rcpt(str(mailbox))
         self.metrics.upstream_reply("rcpt", reply.code)
         if reply.ok:
             txn.ctx.recipients.append(str(mailbox))
         return reply, "upstream"
+
+    async def _rcpt_checks(self, txn: Transaction, address: str) -> tuple[Reply, str] | None:
+        """The RCPT-stage checks for one recipient (``ctx.rcpt``); a refusal and its reason."""
+        if not self.pipeline.by_stage[Stage.RCPT]:
+            return None
+        ctx = txn.ctx
+        ctx.rcpt = address
+        try:
+            outcome = await self.pipeline.run(Stage.RCPT, ctx)
+        finally:
+            ctx.rcpt = None
+        txn.outcome.monitored.extend(outcome.monitored)
+        if outcome.verdict.accepted:
+            return None
+        return outcome.verdict.reply, outcome.verdict.reason
 
     async def handle_DATA(self, server, session, envelope):
         txn: Transaction | None = getattr(envelope, "gateway", None)
@@ -270,7 +303,8 @@ class Handler:
         ctx.size = len(content)
         ctx.raw = content
         try:
-            ctx.message = await self._parse(content)
+            if self.pipeline.needs_message(Stage.DATA, ctx):
+                ctx.message = await self._parse(content)
         except RecursionError:  # pathological nesting: the stdlib parser recurses per level
             outcome.verdict = reject(550, "5.6.0", "Message structure is nested too deeply to "
                                      "be parsed; flatten it", "mime_unparsable")
@@ -280,6 +314,11 @@ class Handler:
         verdict = outcome.verdict
         # Authentication-Results claiming to be ours are forged (RFC 8601 5), whatever checks ran
         content = strip_header_fields(content, [claims(self.hostname), *ctx.strip_headers])
+        if outcome.drop and verdict.action in ("accept", "quarantine"):
+            finished = await self._drop_recipients(session, envelope, txn, outcome,
+                                                   restart=verdict.accepted)
+            if finished is not None:
+                return finished
         if verdict.action == "quarantine":  # kept in the quarantine, not relayed; 250 + id
             await txn.upstream.abort()
             envelope.gateway = None
@@ -323,6 +362,46 @@ class Handler:
             action, reason = ("defer" if reply.transient else "reject"), "upstream"
         self._decide(session, ctx, outcome, action, reason, reply, stage="data",
                      decided_by="upstream" if not reply.ok else None, txn=txn)
+        if reply.ok and self.config.flags.uniform_replies:
+            # campus mail's own text (its queue id) would tell a relayed message from one the
+            # gateway answered itself (every recipient dropped): the same form for both
+            return str(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
+        return str(reply)
+
+    async def _drop_recipients(self, session, envelope, txn: Transaction, outcome: Outcome,
+                               restart: bool) -> str | None:
+        """Leave out the recipients DATA checks dropped (``outcome.drop``), each logged with its
+        hashed address and rule. None left: abort upstream, reply 250 (nothing is relayed).
+        Otherwise, with ``restart``, re-open the upstream transaction with only the others; if
+        campus mail now refuses one it accepted before, defer rather than lose anyone.
+        Returns the reply when the transaction ends here."""
+        ctx = txn.ctx
+        kept = [r for r in ctx.recipients if r not in outcome.drop]
+        sender = ctx.sender.id if ctx.sender else None
+        for rcpt in ctx.recipients:
+            if rcpt in outcome.drop:
+                self.maillog.rcpt_dropped(session.gateway_id, txn.queue_id, sender, rcpt,
+                                          outcome.drop[rcpt])
+        self.metrics.recipients.labels(_sender_label(ctx), "dropped").inc(
+            len(ctx.recipients) - len(kept))
+        ctx.recipients[:] = kept
+        if kept and not restart:
+            return None
+        if kept:
+            reply = await txn.upstream.restart(kept)
+            self.metrics.upstream_reply("restart", reply.code)
+            if reply.ok:
+                return None
+            action, reason, decided_by = "defer", "upstream_restart", "upstream"
+            reply = Reply(451, "4.3.0", "Temporary problem relaying to campus mail; "
+                                        "try again later")
+        else:
+            action, reason, decided_by = "accept", "recipients_dropped", None
+            reply = Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
+        await txn.upstream.abort()
+        envelope.gateway = None
+        self._decide(session, ctx, outcome, action, reason, reply, stage="data",
+                     decided_by=decided_by, txn=txn)
         return str(reply)
 
     @staticmethod
@@ -358,13 +437,13 @@ class Handler:
             self.metrics.recipients.labels(sender, action).inc(len(ctx.recipients))
             if ctx.message_class is not None:
                 self.metrics.message_classes.labels(sender, ctx.message_class, action).inc()
-        # str(): compat32 gives a Header object for a header with raw 8-bit bytes
-        message_id = str(ctx.message.get("Message-ID", "")) if ctx.message is not None else ""
+        if not self.maillog.enabled:
+            return
         self.maillog.decision(
             session=session.gateway_id, queue_id=txn.queue_id if txn else None,
             sender=ctx.sender.id if ctx.sender else None, client_ip=str(ctx.client_ip),
             auth=ctx.auth_user, tls=ctx.tls, mail_from=ctx.mail_from,
-            message_id=message_id.strip()[:200], size=ctx.size, recipients=ctx.recipients,
+            message_id=_message_id(ctx), size=ctx.size, recipients=ctx.recipients,
             recipient_count=len(ctx.recipients), stage=stage, decision=action, reason=reason,
             decided_by=decided_by, message_class=ctx.message_class,
             # an upstream's reply text may name recipients: log only its codes

@@ -8,6 +8,7 @@ Times are wall-clock seconds from the injected clock, so a restart does not rese
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 from gateway.clock import Clock
@@ -58,6 +59,41 @@ class Store(Protocol):
         makes it unique) under every key; otherwise record nothing and say how long until all
         would admit, and which limit is the reason.
         """
+
+    async def count_distinct(self, key: str, members: list[str], window: float,
+                             limit: int | None = None) -> int:
+        """Add ``members`` to the distinct set ``key`` (each seen now, remembered ``window``
+        seconds) and return how many distinct members the set holds within the window.
+
+        Members are opaque strings: callers pass keyed hashes, never addresses (policy
+        IV.B.3.c.iv audience counts). ``memory:`` and ``sqlite:`` count exactly, each member
+        sliding out ``window`` after it was last seen; once the set holds more than ``limit``
+        members they store no new ones (the answer is then ``limit + 1``: the caller only needs to
+        know it was crossed). ``redis://`` keeps a HyperLogLog per window bucket (PFADD/PFCOUNT,
+        standard error 0.81 %), so gateways sharing the Redis count one set together; it ignores
+        ``limit``. ``members`` may be empty: the count is then only read.
+        """
+
+    # Recipient flags (gateway.flags): named sets of members (keyed hashes, never addresses).
+
+    async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:
+        """For each member in any of the sets ``names``, the names of those sets: one round
+        trip for a whole message's recipients. A set being replaced answers as the old set or
+        the new one, never a mix."""
+
+    async def flag_add(self, name: str, members: list[str]) -> int:
+        """Add members to set ``name`` (created if absent); how many were not there before."""
+
+    async def flag_remove(self, name: str, members: list[str]) -> int:
+        """Remove members from set ``name``; how many were there."""
+
+    async def flag_replace(self, name: str, members: Iterable[str]) -> int:
+        """Make ``members`` the whole of set ``name`` atomically: built aside, then swapped in
+        in one step, so there is no moment at which readers see a partial or empty set.
+        Returns the new size."""
+
+    async def flag_counts(self) -> dict[str, int]:
+        """Every non-empty set, with its size (for administrators; may take a while)."""
 
     async def ping(self) -> None: ...
 

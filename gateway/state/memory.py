@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 
 from gateway.clock import Clock
 from gateway.state import Admission, Limit, retry_after
@@ -13,6 +14,8 @@ class MemoryStore:
         self.clock = clock
         self._data: dict[str, tuple[bytes, float | None]] = {}
         self._windows: dict[str, list[float]] = {}
+        self._flags: dict[str, set[str]] = {}  # recipient flag sets (gateway.flags)
+        self._distinct: dict[str, OrderedDict[str, float]] = {}  # key: member -> expires
 
     def _now(self) -> float:
         return self.clock.now().timestamp()
@@ -68,9 +71,60 @@ class MemoryStore:
                 bisect.insort(self._windows[key], now)
         return Admission(wait, worst, len(self._windows[limits[0].key]))
 
+    # --- recipient flags (gateway.flags): sets of keyed hashes ----------------------------
+
+    async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for name in names:
+            live = self._flags.get(name)
+            if live:
+                for m in members:
+                    if m in live:
+                        out.setdefault(m, set()).add(name)
+        return out
+
+    async def flag_add(self, name: str, members: list[str]) -> int:
+        live = self._flags.setdefault(name, set())
+        before = len(live)
+        live.update(members)
+        return len(live) - before
+
+    async def flag_remove(self, name: str, members: list[str]) -> int:
+        live = self._flags.get(name, set())
+        before = len(live)
+        live.difference_update(members)
+        return before - len(live)
+
+    async def flag_replace(self, name: str, members) -> int:
+        new = set(members)  # built aside, then swapped in one assignment
+        self._flags[name] = new
+        return len(new)
+
+    async def flag_counts(self) -> dict[str, int]:
+        return {name: len(live) for name, live in sorted(self._flags.items()) if live}
+
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
         self._data.clear()
         self._windows.clear()
+        self._flags.clear()
+        self._distinct.clear()
+
+    async def count_distinct(self, key: str, members: list[str], window: float,
+                             limit: int | None = None) -> int:
+        now = self._now()
+        seen = self._distinct.setdefault(key, OrderedDict())
+        while seen and next(iter(seen.values())) <= now:  # oldest first: expiries are in order
+            seen.popitem(last=False)
+        for member in members:
+            if member in seen:
+                seen[member] = now + window
+                seen.move_to_end(member)
+            elif limit is None or len(seen) <= limit:
+                seen[member] = now + window
+        count = len(seen)
+        if not seen:
+            del self._distinct[key]
+        return count

@@ -3,6 +3,8 @@ number of gateways sharing one Redis never let a sender exceed its rate."""
 
 from __future__ import annotations
 
+import math
+
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -38,6 +40,52 @@ return {'0', -1, first + 1}
 """
 
 
+# KEYS: the HyperLogLog of the current window bucket, then the older buckets still in the window.
+# ARGV: the current bucket's time to live (ms), then the members. Adds to the current bucket (in
+# slices: Lua's unpack has a stack limit) and counts the union of all buckets.
+_COUNT_DISTINCT = """
+local n = #ARGV
+for i = 2, n, 1000 do
+  redis.call('PFADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, n)))
+end
+if n > 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return redis.call('PFCOUNT', unpack(KEYS))
+"""
+# A distinct set's window is covered by this many buckets (plus the current one): each member
+# is counted for at least the window and at most one bucket (window / BUCKETS) longer.
+DISTINCT_BUCKETS = 7
+
+
+# Recipient flags (gateway.flags): one set per flag under "flag:NAME". A replace fills a build
+# key (expiring, so a killed import leaves nothing behind), then this script swaps it in
+# atomically; the old set is renamed aside and UNLINKed (freed off Redis's main thread).
+# KEYS: the live set, the build, the aside name. Returns the new size.
+_FLAG_SWAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[3]) end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('RENAME', KEYS[2], KEYS[1])
+  redis.call('PERSIST', KEYS[1])
+end
+return redis.call('SCARD', KEYS[1])
+"""
+# KEYS: the sets; ARGV: the members. Returns the hits as (member index, set index) pairs, so a
+# message's look-up is one command and one short reply whatever the number of sets.
+_FLAG_LOOKUP = """
+local out = {}
+for k = 1, #KEYS do
+  local hits = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV))
+  for i = 1, #hits do
+    if hits[i] == 1 then out[#out + 1] = i; out[#out + 1] = k end
+  end
+end
+return out
+"""
+_FLAG = "flag:"
+_FLAG_LOOKUP_MAX = 1000  # members per script call (Lua's unpack has a stack limit)
+_FLAG_CHUNK = 10000
+_FLAG_BUILD_TTL_MS = 86400 * 1000
+
+
 class RedisStore:
     def __init__(self, url: str, clock: Clock, timeout: float = 2.0) -> None:
         self.url = url
@@ -45,6 +93,9 @@ class RedisStore:
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout,
                                               socket_connect_timeout=timeout)
         self._acquire = self.client.register_script(_ACQUIRE)
+        self._flag_swap = self.client.register_script(_FLAG_SWAP)
+        self._flag_lookup = self.client.register_script(_FLAG_LOOKUP)
+        self._count_distinct = self.client.register_script(_COUNT_DISTINCT)
 
     async def _call(self, coro):
         try:
@@ -89,11 +140,89 @@ class RedisStore:
             self._acquire(keys=[lim.key for lim in limits], args=args))
         return Admission(float(wait), int(worst), int(used))
 
+    # --- recipient flags (gateway.flags) ----------------------------------------------------
+
+    async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:
+        if not names or not members:
+            return {}
+
+        keys = [_FLAG + name for name in names]
+        out: dict[str, set[str]] = {}
+        for i in range(0, len(members), _FLAG_LOOKUP_MAX):  # one round trip per 1000
+            chunk = members[i:i + _FLAG_LOOKUP_MAX]
+            hits = await self._call(self._flag_lookup(keys=keys, args=chunk))
+            for j in range(0, len(hits), 2):
+                out.setdefault(chunk[int(hits[j]) - 1], set()).add(names[int(hits[j + 1]) - 1])
+        return out
+
+    async def flag_add(self, name: str, members: list[str]) -> int:
+        added = 0
+        for i in range(0, len(members), _FLAG_CHUNK):
+            added += await self._call(self.client.sadd(_FLAG + name,
+                                                       *members[i:i + _FLAG_CHUNK]))
+        return added
+
+    async def flag_remove(self, name: str, members: list[str]) -> int:
+        if not members:
+            return 0
+        return await self._call(self.client.srem(_FLAG + name, *members))
+
+    async def flag_replace(self, name: str, members) -> int:
+        import secrets
+
+        build = f"flagbuild:{secrets.token_hex(8)}"
+        aside = f"flagold:{secrets.token_hex(8)}"
+
+        async def fill(batch):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.sadd(build, *batch)
+            pipe.pexpire(build, _FLAG_BUILD_TTL_MS)
+            await pipe.execute()
+
+        try:
+            batch: list[str] = []
+            for member in members:
+                batch.append(member)
+                if len(batch) >= _FLAG_CHUNK:
+                    await self._call(fill(batch))
+                    batch = []
+            if batch:
+                await self._call(fill(batch))
+            count = await self._call(self._flag_swap(keys=[_FLAG + name, build, aside]))
+        except BaseException:
+            await self._call(self.client.unlink(build))
+            raise
+        await self._call(self.client.unlink(aside))
+        return int(count)
+
+    async def flag_counts(self) -> dict[str, int]:
+        async def run():
+            keys = sorted([k async for k in self.client.scan_iter(match=_FLAG + "*")])
+            if not keys:
+                return {}
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.scard(k)
+            return {k.decode()[len(_FLAG):]: n for k, n in zip(keys, await pipe.execute()) if n}
+
+        return await self._call(run())
+
     async def ping(self) -> None:
         await self._call(self.client.ping())
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def count_distinct(self, key: str, members: list[str], window: float,
+                             limit: int | None = None) -> int:
+        # one HyperLogLog per bucket of window / DISTINCT_BUCKETS, named with a {hash tag} so
+        # that a Redis Cluster keeps a set's buckets in one slot (PFCOUNT needs them together)
+        width = window / DISTINCT_BUCKETS
+        current = int(self.clock.now().timestamp() // width)
+        keys = [f"{{{key}}}:{current - i}" for i in range(DISTINCT_BUCKETS + 1)]
+        ttl = math.ceil((window + 2 * width) * 1000)
+        count = await self._call(self._count_distinct(keys=keys, args=[ttl, *members]))
+        return int(count)
 
 
 def _glob_escape(text: str) -> str:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.clock import Clock
-from gateway.state import Admission, Limit, StoreError, retry_after
+from gateway.state import Admission, Limit, StoreError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -25,6 +25,32 @@ CREATE TABLE IF NOT EXISTS window_events (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS window_events_key_at ON window_events (key, at);
+CREATE TABLE IF NOT EXISTS distinct_members (
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (key, member)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS distinct_members_expires ON distinct_members (expires);
+-- recipient flags (gateway.flags): each flag's live generation of members is named in
+-- flag_sets; flag_gens allocates generations (and dates builds, so an abandoned one is found)
+CREATE TABLE IF NOT EXISTS flag_gens (
+    gen INTEGER PRIMARY KEY AUTOINCREMENT,
+    flag TEXT NOT NULL,
+    started REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flag_sets (
+    flag TEXT PRIMARY KEY,
+    gen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flag_sets_gen ON flag_sets (gen);
+-- member first: a look-up is one probe per recipient, whatever the number of sets
+CREATE TABLE IF NOT EXISTS flag_members (
+    member TEXT NOT NULL,
+    gen INTEGER NOT NULL,
+    PRIMARY KEY (member, gen)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
 """
 
 
@@ -112,12 +138,15 @@ class SQLiteStore:
             for i, (key, count, window) in enumerate(limits):
                 db.execute("DELETE FROM window_events WHERE key = ? AND at <= ?",
                            (key, now - window))
-                times = [r[0] for r in db.execute(
-                    "SELECT at FROM window_events WHERE key = ? ORDER BY at", (key,))]
-                counts.append(len(times))
-                w = retry_after(times, count, window, now)
-                if w > wait:
-                    wait, worst = w, i
+                n = db.execute("SELECT COUNT(*) FROM window_events WHERE key = ?",
+                               (key,)).fetchone()[0]
+                counts.append(n)
+                if n >= count:  # the event whose leaving makes room: the (n - count)th oldest
+                    at = db.execute("SELECT at FROM window_events WHERE key = ? ORDER BY at "
+                                    "LIMIT 1 OFFSET ?", (key, n - count)).fetchone()[0]
+                    w = max(at + window - now, 0.0)
+                    if w > wait:
+                        wait, worst = w, i
             if wait == 0:
                 db.executemany("INSERT INTO window_events (key, at) VALUES (?, ?)",
                                [(key, now) for key, _, _ in limits])
@@ -130,6 +159,148 @@ class SQLiteStore:
     async def acquire(self, limits: list[Limit], now: float, token: str) -> Admission:
         return await self._run(self._acquire, limits, now)
 
+    # --- recipient flags (gateway.flags) ----------------------------------------------------
+    # A flag's members form a generation; flag_sets names each flag's live one. A replace fills
+    # a new generation in short transactions (other writers wait milliseconds, not the whole
+    # import), swaps flag_sets in one, then deletes the old generation in chunks: a reader sees
+    # the old set or the new one, never a mix and never an empty window.
+
+    _FLAG_CHUNK = 10000
+
+    def _flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        if not names or not members:
+            return out
+        db = self._conn()
+        marks = ",".join("?" * len(names))
+        for i in range(0, len(members), 500):
+            chunk = members[i:i + 500]
+            # one statement, so one snapshot: the generation read is the one probed; CROSS
+            # JOIN keeps the members as the outer loop (one probe each)
+            for flag, member in db.execute(
+                    f"SELECT s.flag, m.member FROM flag_members AS m CROSS JOIN flag_sets AS s "
+                    f"ON s.gen = m.gen WHERE m.member IN ({','.join('?' * len(chunk))}) "
+                    f"AND s.flag IN ({marks})", (*chunk, *names)):
+                out.setdefault(member, set()).add(flag)
+        return out
+
+    async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:
+        return await self._run(self._flag_lookup, names, members)
+
+    def _write(self, fn):
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return result
+
+    def _flag_add(self, name: str, members: list[str], now: float) -> int:
+        def fn(db):
+            row = db.execute("SELECT gen FROM flag_sets WHERE flag = ?", (name,)).fetchone()
+            if row is None:
+                gen = db.execute("INSERT INTO flag_gens (flag, started) VALUES (?, ?)",
+                                 (name, now)).lastrowid
+                db.execute("INSERT INTO flag_sets (flag, gen) VALUES (?, ?)", (name, gen))
+            else:
+                gen = row[0]
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO flag_members (member, gen) VALUES (?, ?)",
+                           [(m, gen) for m in members])
+            return db.total_changes - before
+
+        return self._write(fn)
+
+    async def flag_add(self, name: str, members: list[str]) -> int:
+        added = 0
+        for i in range(0, len(members), self._FLAG_CHUNK):
+            added += await self._run(self._flag_add, name, members[i:i + self._FLAG_CHUNK],
+                                     self._now())
+        return added
+
+    def _flag_remove(self, name: str, members: list[str]) -> int:
+        def fn(db):
+            before = db.total_changes
+            db.executemany("DELETE FROM flag_members WHERE gen = (SELECT gen FROM flag_sets "
+                           "WHERE flag = ?) AND member = ?", [(name, m) for m in members])
+            return db.total_changes - before
+
+        return self._write(fn)
+
+    async def flag_remove(self, name: str, members: list[str]) -> int:
+        return await self._run(self._flag_remove, name, members)
+
+    def _flag_fill(self, gen: int, members: list[str]) -> None:
+        self._write(lambda db: db.executemany(
+            "INSERT OR IGNORE INTO flag_members (member, gen) VALUES (?, ?)",
+            [(m, gen) for m in members]))
+
+    def _flag_swap(self, name: str, gen: int) -> tuple[int | None, int]:
+        def fn(db):
+            row = db.execute("SELECT gen FROM flag_sets WHERE flag = ?", (name,)).fetchone()
+            db.execute("INSERT OR REPLACE INTO flag_sets (flag, gen) VALUES (?, ?)", (name, gen))
+            (count,) = db.execute("SELECT count(*) FROM flag_members WHERE gen = ?",
+                                  (gen,)).fetchone()
+            return (None if row is None else row[0]), count
+
+        return self._write(fn)
+
+    def _flag_drop_chunk(self, gen: int) -> int:
+        """Delete up to a chunk of an unreferenced generation; 0 once it is gone."""
+        def fn(db):
+            cur = db.execute("DELETE FROM flag_members WHERE gen = ? AND member IN (SELECT "
+                             "member FROM flag_members WHERE gen = ? LIMIT ?)",
+                             (gen, gen, self._FLAG_CHUNK))
+            if cur.rowcount == 0:
+                db.execute("DELETE FROM flag_gens WHERE gen = ?", (gen,))
+            return cur.rowcount
+
+        return self._write(fn)
+
+    def _flag_abandoned(self, now: float) -> list[int]:
+        """Generations of builds that never swapped in (a killed import) and are a day old."""
+        return [r[0] for r in self._conn().execute(
+            "SELECT gen FROM flag_gens WHERE started < ? AND gen NOT IN "
+            "(SELECT gen FROM flag_sets)", (now - 86400,))]
+
+    async def _flag_drop(self, gen: int) -> None:
+        while await self._run(self._flag_drop_chunk, gen):
+            pass
+
+    async def flag_replace(self, name: str, members) -> int:
+        now = self._now()
+        for stale in await self._run(self._flag_abandoned, now):
+            await self._flag_drop(stale)
+        gen = await self._run(lambda: self._write(lambda db: db.execute(
+            "INSERT INTO flag_gens (flag, started) VALUES (?, ?)", (name, now)).lastrowid))
+        try:
+            batch: list[str] = []
+            for member in members:
+                batch.append(member)
+                if len(batch) >= self._FLAG_CHUNK:
+                    await self._run(self._flag_fill, gen, batch)
+                    batch = []
+            if batch:
+                await self._run(self._flag_fill, gen, batch)
+            old, count = await self._run(self._flag_swap, name, gen)
+        except BaseException:
+            await self._flag_drop(gen)
+            raise
+        if old is not None:
+            await self._flag_drop(old)
+        return count
+
+    def _flag_counts(self) -> dict[str, int]:
+        return {flag: n for flag, n in self._conn().execute(
+            "SELECT s.flag, count(m.member) FROM flag_sets AS s JOIN flag_members AS m "
+            "ON m.gen = s.gen GROUP BY s.flag ORDER BY s.flag")}
+
+    async def flag_counts(self) -> dict[str, int]:
+        return await self._run(self._flag_counts)
+
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
 
@@ -141,3 +312,36 @@ class SQLiteStore:
 
         await self._run(_close)
         self._executor.shutdown(wait=True)
+
+    def _count_distinct(self, key: str, members: list[str], window: float,
+                        limit: int | None, now: float) -> int:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes too
+        try:
+            db.execute("DELETE FROM distinct_members WHERE expires <= ?", (now,))  # every key
+            (count,) = db.execute("SELECT count(*) FROM distinct_members WHERE key = ?",
+                                  (key,)).fetchone()
+            wanted = list(dict.fromkeys(members))
+            known: set[str] = set()
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i:i + 500]
+                known.update(r[0] for r in db.execute(
+                    "SELECT member FROM distinct_members WHERE key = ? AND member IN (%s)"
+                    % ",".join("?" * len(chunk)), (key, *chunk)))
+            expires = now + window
+            db.executemany("UPDATE distinct_members SET expires = ? WHERE key = ? AND member = ?",
+                           [(expires, key, m) for m in wanted if m in known])
+            new = [m for m in wanted if m not in known]
+            if limit is not None:
+                new = new[:max(0, limit + 1 - count)]
+            db.executemany("INSERT INTO distinct_members (key, member, expires) VALUES (?, ?, ?)",
+                           [(key, m, expires) for m in new])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return count + len(new)
+
+    async def count_distinct(self, key: str, members: list[str], window: float,
+                             limit: int | None = None) -> int:
+        return await self._run(self._count_distinct, key, members, window, limit, self._now())
