@@ -7,7 +7,8 @@
 Three kinds of process, each its own interpreter (one event loop, one GIL each), not pinned:
 
 * the sink: a plain aiosmtpd server on 127.0.0.1 that accepts everything (``_sink``); with
-  ``--checks all`` it also answers the gateway's DNS queries for the bench's own names;
+  ``--checks all`` it also answers the gateway's DNS queries for the bench's own names (SPF, and
+  with ``--dkim`` the DKIM key: the load generator then sends messages signed beforehand);
 * the gateway: ``python -m gateway serve --config <tmp>/gateway.toml`` relaying to the sink over
   its pool of aiosmtplib connections (one gateway process per log level measured);
 * the load generator: C asyncio sessions with aiosmtplib, each keeping its connection open and
@@ -63,6 +64,12 @@ domains = ["{SENDER_DOMAIN}"]
 return_path = ["bounce-*@{SENDER_DOMAIN}"]
 expires = 2099-12-31
 """
+DKIM_SELECTOR = "bench"
+# the header fields each signature covers (the unsubscribe check wants both List-Unsubscribe
+# fields signed, RFC 8058 4)
+DKIM_HEADERS = (b"From", b"To", b"Subject", b"Date", b"Message-ID", b"List-Unsubscribe",
+                b"List-Unsubscribe-Post")
+SANITY_PREFIX = "bounce-sanity-"  # the sink keeps messages with this return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -70,28 +77,49 @@ expires = 2099-12-31
 # ------------------------------------------------------------------------------------------
 
 class SinkHandler:
-    """Accepts every message and keeps nothing but a count."""
+    """Accepts every message and keeps nothing but a count, except the sanity messages
+    (``bounce-sanity-*`` return path), which it writes to ``capture`` for the orchestrator."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture: Path | None = None) -> None:
         self.count = 0
+        self.capture = capture
 
     async def handle_DATA(self, server, session, envelope):
         self.count += 1
+        if self.capture is not None and envelope.mail_from.startswith(SANITY_PREFIX):
+            tmp = self.capture / f".{envelope.mail_from}"
+            tmp.write_bytes(envelope.original_content or envelope.content)
+            tmp.rename(self.capture / f"{envelope.mail_from}.eml")
         return f"250 2.0.0 Ok: queued as S{self.count}"
+
+
+DNS_TTL = 300  # every answer, positive or negative, may be cached this long (RFC 2308 for NXDOMAIN)
+
+
+def txt_strings(value: str) -> str:
+    """One TXT record's text form: ``value`` split into quoted character-strings of at most 255
+    bytes (RFC 1035 3.3.14; a DKIM key record joins them back, RFC 6376 3.6.2.2)."""
+    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
 
 
 class BenchDNS(asyncio.DatagramProtocol):
     """A minimal authoritative DNS responder for the bench's own names (--checks all): the
-    sender domain's SPF record authorizes 127.0.0.1; every other name is NXDOMAIN. Nothing is
-    forwarded, so no query leaves loopback."""
+    sender domain's SPF record authorizes 127.0.0.1, ``bench._domainkey`` holds the DKIM key
+    (--dkim); every other name is NXDOMAIN. Every answer carries a TTL of DNS_TTL, negative ones
+    too (an SOA in the authority section), so the gateway's cache answers after the first
+    look-up. Nothing is forwarded, so no query leaves loopback. Each query is appended to
+    ``log`` (name, type), so the bench can tell how often the gateway asked."""
 
-    RECORDS = {(f"{SENDER_DOMAIN}.", "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"']}
+    def __init__(self, records: dict[tuple[str, str], list[str]], log: Path | None) -> None:
+        self.records = records
+        self.log = open(log, "a", buffering=1) if log else None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
         import dns.message
+        import dns.name
         import dns.rcode
         import dns.rdatatype
         import dns.rrset
@@ -105,19 +133,34 @@ class BenchDNS(asyncio.DatagramProtocol):
         if query.question:
             q = query.question[0]
             name, qtype = q.name.to_text().lower(), dns.rdatatype.to_text(q.rdtype)
-            values = self.RECORDS.get((name, qtype))
+            if self.log is not None:
+                self.log.write(f"{name} {qtype}\n")
+            values = self.records.get((name, qtype))
             if values:
-                reply.answer.append(dns.rrset.from_text(q.name, 300, "IN", qtype, *values))
-            elif not any(n == name for n, _ in self.RECORDS):
-                reply.set_rcode(dns.rcode.NXDOMAIN)
+                reply.answer.append(dns.rrset.from_text(q.name, DNS_TTL, "IN", qtype, *values))
+            else:
+                if not any(n == name for n, _ in self.records):
+                    reply.set_rcode(dns.rcode.NXDOMAIN)
+                # RFC 2308: the SOA of the zone (here the top-level label) makes the negative
+                # answer cacheable for min(its TTL, its minimum)
+                zone = dns.name.Name(q.name.labels[-2:]) if len(q.name.labels) > 1 \
+                    else dns.name.root
+                reply.authority.append(dns.rrset.from_text(
+                    zone, DNS_TTL, "IN", "SOA",
+                    f"ns.{SENDER_DOMAIN}. hostmaster.{SENDER_DOMAIN}. 1 3600 600 86400 {DNS_TTL}"))
         self.transport.sendto(reply.to_wire(), addr)
 
 
 def run_sink(args) -> int:
     from aiosmtpd.smtp import SMTP
 
+    records = {(f"{SENDER_DOMAIN}.", "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"']}
+    if args.dkim_record:
+        records[(f"{DKIM_SELECTOR}._domainkey.{SENDER_DOMAIN}.", "TXT")] = [
+            txt_strings(Path(args.dkim_record).read_text().strip())]
+
     async def main() -> None:
-        handler = SinkHandler()
+        handler = SinkHandler(Path(args.capture) if args.capture else None)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: SMTP(handler, hostname="sink.bench", ident="bench sink",
@@ -125,7 +168,9 @@ def run_sink(args) -> int:
             host=HOST, port=args.port)
         dns_port = 0
         if args.dns:
-            transport, _ = await loop.create_datagram_endpoint(BenchDNS, local_addr=(HOST, 0))
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: BenchDNS(records, Path(args.dns_log) if args.dns_log else None),
+                local_addr=(HOST, 0))
             dns_port = transport.get_extra_info("sockname")[1]
         print(server.sockets[0].getsockname()[1], dns_port, flush=True)
         stop = asyncio.Event()
@@ -168,6 +213,62 @@ def make_message(size: int, seq: int) -> bytes:
     return head + _body(max(0, size - len(head)))
 
 
+def make_dkim_key(kind: str, directory: Path) -> tuple[bytes, str]:
+    """A fresh key pair for --dkim: the private key as dkim.sign takes it, and the key record
+    the sink publishes at ``bench._domainkey.<sender domain>``."""
+    import base64
+
+    if kind == "rsa2048":
+        pem = directory / "dkim-rsa.pem"
+        subprocess.run(["openssl", "genrsa", "-out", str(pem), "2048"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        der = subprocess.run(["openssl", "rsa", "-in", str(pem), "-pubout", "-outform", "DER"],
+                             check=True, capture_output=True).stdout
+        return pem.read_bytes(), f"v=DKIM1; k=rsa; h=sha256; p={base64.b64encode(der).decode()}"
+    if kind == "ed25519":  # RFC 8463: p= is the raw 32-byte public key; dkimpy signs with the seed
+        import nacl.signing
+
+        key = nacl.signing.SigningKey.generate()
+        return (base64.b64encode(bytes(key)),
+                f"v=DKIM1; k=ed25519; p={base64.b64encode(bytes(key.verify_key)).decode()}")
+    raise ValueError(f"unknown DKIM key kind {kind!r}")
+
+
+def dkim_sign(message: bytes, key: bytes, kind: str) -> bytes:
+    """``message`` with a DKIM-Signature field (relaxed/simple) for d=<sender domain>,
+    s=bench."""
+    import dkim
+
+    algorithm = b"ed25519-sha256" if kind == "ed25519" else b"rsa-sha256"
+    return dkim.sign(message, DKIM_SELECTOR.encode(), SENDER_DOMAIN.encode(), key,
+                     signature_algorithm=algorithm, include_headers=list(DKIM_HEADERS)) + message
+
+
+def _signed_range(size: int, start: int, stop: int, key: bytes, kind: str) -> list[bytes]:
+    return [dkim_sign(make_message(size, seq), key, kind) for seq in range(start, stop)]
+
+
+def signed_messages(size: int, count: int, key: bytes, kind: str) -> list[bytes]:
+    """``count`` signed messages (sequence numbers 0 to count - 1, each with its own
+    Message-ID), signed once per run, before anything is timed, on every CPU (an RSA-2048
+    signature costs dkimpy about 8 ms)."""
+    import concurrent.futures
+
+    workers = max(1, min(os.cpu_count() or 1, count // 50 or 1))
+    step = -(-count // workers)
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        parts = pool.map(_signed_range, *zip(*[(size, i, min(count, i + step), key, kind)
+                                                for i in range(0, count, step)]))
+        return [m for part in parts for m in part]
+
+
+def verify_locally(message: bytes, record: str) -> bool:
+    """dkimpy's own verdict on one signed message, with the key record handed to it."""
+    import dkim
+
+    return bool(dkim.verify(message, dnsfunc=lambda name, timeout=5: record.encode()))
+
+
 def run_load(args) -> int:
     import aiosmtplib
 
@@ -177,6 +278,11 @@ def run_load(args) -> int:
     go = asyncio.Event()
     clock = {"t0": time.perf_counter(), "cpu0": time.process_time(), "t1": None}
     seq = iter(range(10**9))
+    signed: list[bytes] = []
+    if args.messages:  # --dkim: the messages the orchestrator signed before any timing
+        import pickle
+
+        signed = pickle.loads(Path(args.messages).read_bytes())
 
     def emit(line: str) -> None:
         sys.stdout.write(line + "\n")
@@ -184,7 +290,7 @@ def run_load(args) -> int:
 
     async def one(client, latencies: list[float] | None) -> None:
         n = next(seq)
-        msg = make_message(args.size, n)
+        msg = signed[n % len(signed)] if signed else make_message(args.size, n)
         started = time.perf_counter()
         try:
             await client.mail(f"bounce-{n}@{SENDER_DOMAIN}")
@@ -366,6 +472,8 @@ def drive_python(children: Children, port: int, args, label: str,
     argv = [sys.executable, str(Path(__file__).resolve()), "_load", "--port", str(port),
             "-n", str(args.n), "-c", str(args.c), "--size", str(args.size),
             "--warmup", str(args.warmup), "--time-limit", str(phase_limit(args))]
+    if args.messages_file:
+        argv += ["--messages", str(args.messages_file)]
     proc = children.start(argv, stdout=subprocess.PIPE, text=True)
     res = Result(label)
     before: dict[str, float | None] = {}
@@ -424,10 +532,17 @@ def drive_smtp_source(children: Children, port: int, args, label: str,
     return res
 
 
-def start_sink(children: Children, dns: bool) -> tuple[subprocess.Popen, int, int]:
+def start_sink(children: Children, dns: bool, tmp: Path,
+               dkim_record: Path | None = None) -> tuple[subprocess.Popen, int, int]:
     """The sink process: its SMTP port, and the port of its DNS responder (0 when none)."""
-    proc = children.start([sys.executable, str(Path(__file__).resolve()), "_sink"]
-                          + (["--dns"] if dns else []), stdout=subprocess.PIPE, text=True)
+    (tmp / "capture").mkdir(exist_ok=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "_sink",
+            "--capture", str(tmp / "capture")]
+    if dns:
+        argv += ["--dns", "--dns-log", str(tmp / "dns.log")]
+    if dkim_record is not None:
+        argv += ["--dkim-record", str(dkim_record)]
+    proc = children.start(argv, stdout=subprocess.PIPE, text=True)
     ports = proc.stdout.readline().split()
     if len(ports) != 2 or not all(p.isdigit() for p in ports):
         raise RuntimeError("the sink did not start")
@@ -640,6 +755,81 @@ def fmt_cpu(res: Result, name: str) -> str:
     return "-" if x is None or not res.msgs else f"{x / res.msgs * 1e6:.0f}"
 
 
+def prepare_dkim(args, tmp: Path) -> bytes:
+    """--dkim: a key pair, its record for the sink's DNS, and every message the load generator
+    will send signed ahead of the timed part (pickled to ``args.messages_file``). Returns the
+    first signed message (smtp-source's message and the sanity message)."""
+    import pickle
+
+    t0 = time.perf_counter()
+    key, record = make_dkim_key(args.dkim, tmp)
+    (tmp / "dkim-record.txt").write_text(record + "\n")
+    count = args.n + args.c * args.warmup  # one sequence number per message sent in a phase
+    messages = signed_messages(args.size, count, key, args.dkim)
+    if not verify_locally(messages[0], record):
+        raise RuntimeError("dkimpy does not verify the bench's own DKIM signature")
+    args.messages_file = tmp / "messages.pickle"
+    args.messages_file.write_bytes(pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL))
+    print(f"DKIM: {args.dkim} key, s={DKIM_SELECTOR} d={SENDER_DOMAIN}; {count} messages signed "
+          f"in {time.perf_counter() - t0:.1f}s, before any timing "
+          f"({len(messages[0])} bytes each with the signature)", flush=True)
+    return messages[0]
+
+
+def _header_field(message: bytes, name: str) -> list[str]:
+    """The unfolded values of every ``name`` field in the header of ``message``."""
+    import email.parser
+    import email.policy
+
+    head = message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    return [" ".join(str(v).split()) for v in parsed.get_all(name) or []]
+
+
+def sanity_pass(gateways: dict, message: bytes, capture: Path, timeout: float = 30.0) -> None:
+    """Before any timing: one signed message through each gateway; the copy the sink received
+    must carry the gateway's Authentication-Results with dkim=pass, or the run stops."""
+    import smtplib
+
+    for i, (level, (_, port, _)) in enumerate(gateways.items()):
+        sender = f"{SANITY_PREFIX}{i}@{SENDER_DOMAIN}"
+        try:
+            with smtplib.SMTP(HOST, port, local_hostname="loadgen.bench", timeout=timeout) as c:
+                c.sendmail(sender, [f"student0@{RCPT_DOMAIN}"], message)
+        except smtplib.SMTPException as exc:
+            raise RuntimeError(f"DKIM sanity message refused by the gateway ({level}): "
+                               f"{exc}") from None
+        path = capture / f"{sender}.eml"
+        deadline = time.monotonic() + timeout
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not path.exists():
+            raise RuntimeError(f"DKIM sanity message: the sink did not receive it ({level})")
+        results = [v for v in _header_field(path.read_bytes(), "Authentication-Results")
+                   if v.split(";", 1)[0].strip() == "gw.bench"]
+        dkim_part = [p.strip() for v in results for p in v.split(";")
+                     if p.strip().startswith("dkim=")]
+        if not any(p.startswith("dkim=pass") for p in dkim_part):
+            raise RuntimeError(f"DKIM sanity message ({level}): no dkim=pass in the "
+                               f"Authentication-Results the sink received: {results or 'none'}")
+        print(f"DKIM sanity ({level}): the sink received {dkim_part[0]}", flush=True)
+
+
+def dns_summary(log: Path, gateways: int) -> str:
+    """How many DNS queries the sink's responder answered over the whole run: with the
+    gateway's cache working, a handful per gateway process, whatever the number of messages."""
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        lines = []
+    counts: dict[str, int] = {}
+    for line in lines:
+        counts[line] = counts.get(line, 0) + 1
+    detail = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (f"DNS: the sink answered {len(lines)} queries in all, for {gateways} gateway "
+            f"process(es) (TTL {DNS_TTL}s): {detail or 'none'}")
+
+
 def run(args) -> int:
     if args.driver == "smtp-source" and not shutil.which("smtp-source"):
         print("error: --driver smtp-source needs Postfix's smtp-source on PATH", file=sys.stderr)
@@ -668,14 +858,22 @@ def run(args) -> int:
     results: dict[str, list[Result]] = {}
     spies: dict[str, subprocess.Popen] = {}
     try:
-        args.message_file = tmp / "message.txt"
-        args.message_file.write_bytes(make_message(args.size, 0).replace(b"\r\n", b"\n"))
         features = gateway_features()
         unknown = set(args.check_modes) - set(features["checks"])
         if unknown:
             raise RuntimeError(f"--check-mode: no check named {', '.join(sorted(unknown))} "
                                f"(checks: {', '.join(features['checks'])})")
-        sink, sink_port, args.dns_port = start_sink(children, dns=args.checks == "all")
+        on = [n for n in features["checks"] if args.check_modes.get(
+            n, "enforce" if args.checks == "all" or n in IDENTIFY_CHECKS else "off") != "off"]
+        first = make_message(args.size, 0)
+        args.messages_file = dkim_record = None
+        if args.dkim != "none":
+            first = prepare_dkim(args, tmp)
+            dkim_record = tmp / "dkim-record.txt"
+        args.message_file = tmp / "message.txt"  # smtp-source's: LF lines, it sends CRLF
+        args.message_file.write_bytes(first.replace(b"\r\n", b"\n"))
+        dns_on = bool(set(on) - set(IDENTIFY_CHECKS)) or args.dkim != "none"
+        sink, sink_port, args.dns_port = start_sink(children, dns_on, tmp, dkim_record)
         gateways = {}
         # (label, log level, state url, rate limit on): the log levels first, then one variant
         # per --rate-limit backend, at the first log level, to price the rate decision
@@ -696,21 +894,29 @@ def run(args) -> int:
         print(f"N={args.n} messages, C={args.c} sessions, {args.size} bytes each, "
               f"driver={args.driver}, {args.rounds} round(s), {os.cpu_count()} CPU(s)"
               + (", gateway on uvloop" if args.gateway_uvloop else ""), flush=True)
-        on = [n for n in features["checks"] if args.check_modes.get(
-            n, "enforce" if args.checks == "all" or n in IDENTIFY_CHECKS else "off") != "off"]
         print(f"gateway checks on: {', '.join(on) or 'none'}; "
               f"off: {', '.join(n for n in features['checks'] if n not in on) or 'none'}",
               flush=True)
+        if args.dkim != "none":
+            if "sender_auth" in on:
+                sanity_pass(gateways, first, tmp / "capture")
+            else:
+                print("DKIM: sender_auth is off, so the gateway does not verify the signatures "
+                      "(--checks all or --check-mode sender_auth=enforce to verify them)",
+                      flush=True)
+        w = max(len(f"gateway ({level})") for level in gateways)
         for r in range(args.rounds):
             res = drive(children, sink_port, args, "direct", {"sink": sink.pid})
             results.setdefault("direct", []).append(res)
-            print(f"  round {r + 1}: direct            {res.rate:8.0f} msgs/s", flush=True)
+            print(f"  round {r + 1}: {'direct':<{w}} {res.rate:8.0f} msgs/s", flush=True)
             for level, (proc, smtp_port, _) in gateways.items():
                 label = f"gateway ({level})"
                 res = drive(children, smtp_port, args, label,
                             {"gateway": proc.pid, "sink": sink.pid})
                 results.setdefault(label, []).append(res)
-                print(f"  round {r + 1}: {label:<26} {res.rate:8.0f} msgs/s", flush=True)
+                print(f"  round {r + 1}: {label:<{w}} {res.rate:8.0f} msgs/s", flush=True)
+        if dns_on and (args.checks == "all" or "sender_auth" in on):
+            print(dns_summary(tmp / "dns.log", len(gateways)), flush=True)
         for level, (proc, _, config) in gateways.items():
             if level in spies:
                 spies[level].send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
@@ -746,8 +952,9 @@ def run(args) -> int:
 
 def report(results: dict[str, list[Result]], args) -> int:
     direct = results["direct"]
+    w = max(18, *(len(label) for label in results))
     print()
-    print(f"{'':<18} {'msgs/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+    print(f"{'':<{w}} {'msgs/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'failed':>6}   CPU µs/msg: {'gateway':>7} {'sink':>5} {'loadgen':>7}")
     status = 0
     first_ratio = None
@@ -763,7 +970,7 @@ def report(results: dict[str, list[Result]], args) -> int:
             vals = [r.cpu.get(name) for r in runs]
             merged.cpu[name] = None if any(v is None for v in vals) else sum(vals)
         failed = sum(r.failed for r in runs)
-        print(f"{label:<18} {rate:8.0f} {ratio:6.2f} {fmt_ms(merged.pct(0.50)):>7} "
+        print(f"{label:<{w}} {rate:8.0f} {ratio:6.2f} {fmt_ms(merged.pct(0.50)):>7} "
               f"{fmt_ms(merged.pct(0.99)):>7} {failed:>6}   {'':<11} "
               f"{fmt_cpu(merged, 'gateway'):>7} {fmt_cpu(merged, 'sink'):>5} "
               f"{fmt_cpu(merged, 'loadgen'):>7}")
@@ -793,6 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="throughput.py _sink")
         p.add_argument("--port", type=int, default=0)
         p.add_argument("--dns", action="store_true")
+        p.add_argument("--dkim-record", help="file holding the DKIM key record to publish")
+        p.add_argument("--dns-log", help="append each DNS query (name, type) to this file")
+        p.add_argument("--capture", help="directory for the sanity messages received")
         return run_sink(p.parse_args(argv[1:]))
     if argv[:1] == ["_load"]:
         p = argparse.ArgumentParser(prog="throughput.py _load")
@@ -803,6 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--size", type=int, required=True)
         p.add_argument("--warmup", type=int, default=1)
         p.add_argument("--time-limit", type=float, required=True)
+        p.add_argument("--messages", help="pickled list of the (signed) messages to send")
         return run_load(p.parse_args(argv[1:]))
 
     p = argparse.ArgumentParser(description=__doc__,
@@ -829,6 +1040,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="gateway checks: 'identify' (default, the documented target) enforces "
                         "identity, registration and return_path and turns every other check off; "
                         "'all' enforces every check")
+    p.add_argument("--dkim", choices=["none", "rsa2048", "ed25519"], default="none",
+                   help="DKIM-sign every message (d=%s, s=%s) with a key made for the run, "
+                        "ahead of the timed part; the sink publishes the key in DNS. With "
+                        "sender_auth on (--checks all), one message through each gateway must "
+                        "come out with dkim=pass first (default %%(default)s)"
+                        % (SENDER_DOMAIN, DKIM_SELECTOR))
     p.add_argument("--rate-limit", dest="rate_limits", action="append", default=[],
                    choices=["memory", "sqlite", "redis"],
                    help="also run the gateway with the rate_limit check on (limits too high to "

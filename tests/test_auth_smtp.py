@@ -455,3 +455,27 @@ def test_quarantine_write_failure_defers(start, sink, logs):
     [line] = logs.events("message")
     assert (line["decision"], line["reason"]) == ("defer", "spf_dkim_fail")
     assert logs.events("quarantine_failed")
+
+
+def test_helo_spf_is_evaluated_once_per_client_and_name(start, sink, monkeypatch):
+    import smtplib
+
+    import gateway.checks.sender_auth as sender_auth
+
+    calls = []
+    real = sender_auth.check_spf
+
+    async def counting(resolver, ip, mail_from, helo, identity, *args):
+        calls.append(identity)
+        return await real(resolver, ip, mail_from, helo, identity, *args)
+
+    monkeypatch.setattr(sender_auth, "check_spf", counting)
+    gw = start(check_helo=True)
+    with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
+        client.ehlo("pass.acme.example")
+        for _ in range(3):
+            assert client.sendmail(PASS_FROM, ["alice@example.edu"], message()) == {}
+    assert calls.count("mailfrom") == 3 and calls.count("helo") == 1
+    for received in sink.messages:
+        [ar] = header(received.content, "Authentication-Results")
+        assert "smtp.helo=pass.acme.example" in ar

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,6 +89,9 @@ class SenderAuth(Check):
         super().__init__(deps)
         self.aligner: Aligner | None = None  # the Public Suffix List, loaded at first use
         self.dkim = DkimVerifier(deps.dns) if deps.dns is not None else None
+        # HELO SPF depends only on (client IP, HELO name), which a vendor's connection repeats
+        # for every message: remembered briefly, so bulk mail evaluates it once, not per message
+        self._helo_spf: OrderedDict[tuple[str, str], tuple[float, SpfResult]] = OrderedDict()
 
     async def check(self, ctx: Context) -> Verdict:
         s: SenderAuthSettings = self.settings(ctx)  # type: ignore[assignment]
@@ -131,11 +135,31 @@ class SenderAuth(Check):
                 self.dkim.verify(ctx.raw, DkimOptions(
                     now=now, min_rsa_bits=s.min_rsa_bits, allow_body_length=s.allow_body_length,
                     max_signatures=s.max_signatures, clock_skew=s.clock_skew))]
-        if s.check_helo:
+        helo = self._helo_cached(ip, ctx.helo) if s.check_helo else None
+        if s.check_helo and helo is None:
             jobs.append(check_spf(resolver, ip, ctx.mail_from, ctx.helo, "helo", receiver, now,
                                   s.spf_time_limit))
         done = await asyncio.gather(*jobs)
-        return done[0], (done[2] if s.check_helo else None), done[1]
+        if s.check_helo and helo is None:
+            helo = done[2]
+            if helo.result not in ("temperror", "permerror"):
+                self._remember_helo(ip, ctx.helo, helo)
+        return done[0], helo, done[1]
+
+    HELO_SPF_SECONDS = 60.0
+    HELO_SPF_ENTRIES = 1024
+
+    def _helo_cached(self, ip: str, helo: str) -> SpfResult | None:
+        hit = self._helo_spf.get((ip, helo.lower()))
+        if hit is None or self.deps.clock.monotonic() - hit[0] > self.HELO_SPF_SECONDS:
+            return None
+        return hit[1]
+
+    def _remember_helo(self, ip: str, helo: str, result: SpfResult) -> None:
+        self._helo_spf[(ip, helo.lower())] = (self.deps.clock.monotonic(), result)
+        self._helo_spf.move_to_end((ip, helo.lower()))
+        while len(self._helo_spf) > self.HELO_SPF_ENTRIES:
+            self._helo_spf.popitem(last=False)
 
     def _judge_spf(self, r: SpfResult, author: str, author_ok: bool, domains: tuple[str, ...],
                    s: SenderAuthSettings) -> Judgement:
