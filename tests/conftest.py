@@ -264,6 +264,21 @@ def tls_files(tmp_path_factory):
     return cert, key
 
 
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port, for this test (skipped without one)."""
+    import shutil
+
+    from tests.redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer(tmp_path, free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def logs():
     """Every test logs JSON into memory (structlog is configured per process)."""

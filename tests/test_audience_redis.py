@@ -4,25 +4,12 @@ goes away."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import redis
 
-from tests.conftest import free_port
-from tests.redis_server import RedisServer
 from tests.test_audience import at, campaign, message, people, send, start
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="redis-server is not installed (.ci/run installs it)")
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path, free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_two_gateways_count_one_audience_together(gateways, redis_server, sink, logs):

@@ -5,15 +5,12 @@ in a real redis-server shared by every gateway."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sqlite3
 
 import pytest
 
 from gateway.clock import FakeClock
 from gateway.state import open_store
-from tests.conftest import free_port
-from tests.redis_server import RedisServer
 
 DAY = 86400.0
 WEEK = 7 * DAY
@@ -27,13 +24,8 @@ def exact(request, tmp_path):
 
 
 @pytest.fixture
-def redis_url(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    server = RedisServer(tmp_path, free_port())
-    server.start()
-    yield server.url
-    server.stop()
+def redis_url(redis_server):
+    return redis_server.url
 
 
 async def test_exact_distinct_count_and_read_only(exact):

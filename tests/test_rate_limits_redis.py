@@ -4,7 +4,6 @@ its rate; when Redis goes away, [state] on_error decides, and they recover when 
 from __future__ import annotations
 
 import os
-import shutil
 import smtplib
 import subprocess
 import sys
@@ -13,24 +12,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 
 from gateway.rates import Rate
 from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
-from tests.redis_server import RedisServer
 from tests.test_rate_limits import WIDE, send_many, send_one
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="redis-server is not installed (.ci/run installs it)")
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path, free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def start_process(directory: Path, redis_url: str, upstream: str) -> tuple[subprocess.Popen, int]:
