@@ -29,7 +29,7 @@ from gateway.relay import open_upstream
 from gateway.senders import Registry, load_registry
 from gateway.smtp.handler import Handler
 from gateway.smtp.server import GatewaySMTP
-from gateway.state import open_store
+from gateway.state import StoreError, open_store
 from gateway.unsubscribe_endpoint import UnsubscribeEndpoint
 
 log = structlog.get_logger("gateway")
@@ -179,11 +179,22 @@ class Gateway:
         log.info("stopped")
 
 
+class StartError(Exception):
+    """The gateway could not start (a port in use, a path it cannot write, a store it cannot
+    reach); str() is the one line an administrator needs."""
+
+
 async def serve(config: Config) -> None:
     registry = load_registry(config.path(config.senders.dir), config.checks,
                              config.limits.ceiling)
-    gateway = Gateway(config, registry)
-    await gateway.start()
+    gateway = None
+    try:
+        gateway = Gateway(config, registry)
+        await gateway.start()
+    except (OSError, StoreError) as exc:
+        if gateway is not None:
+            await gateway.stop(grace=0)
+        raise StartError(f"cannot start: {exc}") from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

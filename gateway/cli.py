@@ -26,10 +26,9 @@ def _load(args) -> tuple[Config, Registry]:
 
 
 def cmd_serve(args) -> int:
-    from gateway.app import serve
-    from gateway.maillog import configure_logging
-
+    from gateway.app import StartError, serve
     from gateway.flags import FlagKeyMismatch
+    from gateway.maillog import configure_logging
 
     config, _ = _load(args)
     configure_logging(config.logging.level, config.logging.format)
@@ -37,6 +36,9 @@ def cmd_serve(args) -> int:
         asyncio.run(serve(config))
     except FlagKeyMismatch as exc:
         print(f"error: {config.path(config.flags.key_file)}: {exc}", file=sys.stderr)
+        return 2
+    except StartError as exc:
+        print(f"error: {config.file}: {exc}", file=sys.stderr)
         return 2
     return 0
 

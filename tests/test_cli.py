@@ -195,3 +195,15 @@ def test_serve_with_swaks(served):
     assert denied.returncode != 0
     assert "<** 550 5.7.1 Relaying denied: gmail.com is not a university domain" in denied.stdout
     assert len(list((confdir / "var" / "maildir" / "new").iterdir())) == 1
+
+
+def test_serve_refuses_to_start_with_one_line_when_the_port_is_taken(confdir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", confdir.smtp_port))
+        taken.listen()
+        proc = run("serve", "--config", str(confdir / "gateway.toml"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {confdir / 'gateway.toml'}: cannot start: ")
+    assert "address already in use" in proc.stderr and "Traceback" not in proc.stderr
