@@ -143,6 +143,7 @@ def _check_rate(file, key: str, text: str) -> None:
 class LimitsConfig:
     sender_rate: str = "30/minute"
     global_rate: str = ""
+    recipient_rate: str = ""
     max_hold: float = 10.0
     sessions_per_sender: int = 20
     sessions_per_ip: int = 50
@@ -156,8 +157,9 @@ class LimitsConfig:
 
     def validate(self, file, prefix):
         _check_rate(file, f"{prefix}.sender_rate", self.sender_rate)
-        if self.global_rate:
-            _check_rate(file, f"{prefix}.global_rate", self.global_rate)
+        for key in ("global_rate", "recipient_rate"):
+            if getattr(self, key):
+                _check_rate(file, f"{prefix}.{key}", getattr(self, key))
         _check_rate(file, f"{prefix}.adaptive_floor", self.adaptive_floor)
         if not 0 <= self.max_hold <= 300:
             raise ConfigError(file, f"{prefix}.max_hold", "must be between 0 and 300 seconds "

@@ -53,7 +53,7 @@ class Metrics:
                              ["sender"], registry=registry)
         self.rate_deferrals = Counter(
             "gateway_rate_deferrals", "Messages deferred (451 4.7.1) by rate limits, by sender "
-            "and limit (sender, global)", ["sender", "limit"], registry=registry)
+            "and limit (sender, global, recipients)", ["sender", "limit"], registry=registry)
         self.effective_rate = Gauge(
             "gateway_rate_effective_per_minute", "A sender's effective rate (after its own rate "
             "and throttles), messages per minute", ["sender"], registry=registry)

@@ -54,6 +54,9 @@ class Sender:
     classes: tuple[MessageClass, ...] = ("promotional",)
     # A lower sending rate than the policy ceiling ([limits] sender_rate), e.g. "10/minute".
     rate: str = ""
+    # A recipients-per-period limit for this sender, e.g. "2000/minute" (stricter of this and
+    # [limits] recipient_rate applies).
+    recipient_rate: str = ""
     auth: SenderAuth | None = None
     file: Path | None = field(default=None, compare=False, metadata={"toml": False})
     checks: dict[str, CheckSettings] = field(default_factory=dict, compare=False,
@@ -67,13 +70,14 @@ class Sender:
             raise ConfigError(file, "id", f"{self.id!r}: use lower-case letters, digits, . _ -")
         if self.id == "global":
             raise ConfigError(file, "id", "'global' is reserved for the gateway-wide throttle")
-        if self.rate:
-            from gateway.rates import Rate
+        for key in ("rate", "recipient_rate"):
+            if getattr(self, key):
+                from gateway.rates import Rate
 
-            try:
-                Rate.parse(self.rate)
-            except ValueError as exc:
-                raise ConfigError(file, "rate", str(exc)) from None
+                try:
+                    Rate.parse(getattr(self, key))
+                except ValueError as exc:
+                    raise ConfigError(file, key, str(exc)) from None
         for key in ("organization", "contact"):
             if not getattr(self, key).strip():
                 raise ConfigError(file, key, "must not be empty")
@@ -118,6 +122,12 @@ class Sender:
         from gateway.rates import Rate
 
         return Rate.parse(self.rate) if self.rate else None
+
+    @property
+    def own_recipient_rate(self):
+        from gateway.rates import Rate
+
+        return Rate.parse(self.recipient_rate) if self.recipient_rate else None
 
     def has_ip(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:

@@ -260,3 +260,23 @@ def test_adaptive_rate_steps_down_on_421_and_recovers(gateways, sink, logs):
     steps = [e for e in logs.events("adaptive_rate")]
     assert [e["reason"] for e in steps][:2] == ["upstream_4xx", "upstream_4xx"]
     assert [e["rate"] for e in steps] == ["50/minute", "30/minute", "40/minute", "50/minute"]
+
+
+def test_recipients_per_minute_limit(gateways, sink):
+    gw = gateways.start(WIDE + 'recipient_rate = "50/minute"\n',
+                        senders={"acme": EXAMPLE_SENDER + 'recipient_rate = "40/minute"\n'},
+                        upstream=sink.url)
+
+    def to(n: int):
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=60) as client:
+            return client.sendmail("bounce-1@em.acme.example",
+                                   [f"r{i}@example.edu" for i in range(n)], MESSAGE) or (250, None)
+
+    assert to(25) == (250, None)
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        to(20)  # 25 + 20 > 40 (the sender's own, stricter than the gateway's 50)
+    assert (err.value.smtp_code, err.value.smtp_error) == (
+        451, b"4.7.1 Recipients of sender acme are limited to 40/minute; retry in 60 s")
+    assert to(15) == (250, None)  # 25 + 15 = 40: fits
+    assert [len(m.rcpt_tos) for m in sink.messages] == [25, 15]
+    assert gw.metric("gateway_rate_deferrals_total", sender="acme", limit="recipients") == 1

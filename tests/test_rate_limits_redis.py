@@ -131,3 +131,21 @@ async def test_redis_acquire_matches_the_other_backends(redis_server):
     assert (full.wait, full.limit) == (49.0, 1)
     assert (await store.acquire([sender], now + 60, "t4")).wait == 0
     await store.close()
+
+
+async def test_redis_acquire_with_a_cost(redis_server):
+    from gateway.clock import FakeClock
+    from gateway.state import Limit
+    from gateway.state.redis import RedisStore
+
+    clock = FakeClock()
+    store = RedisStore(redis_server.url, clock)
+    now = clock.now().timestamp()
+    rcpts = Limit("rcpt:acme:60", 100, 60.0)
+    assert (await store.acquire([rcpts._replace(cost=60)], now, "m1")).used == 60
+    assert (await store.acquire([rcpts._replace(cost=30)], now + 5, "m2")).used == 90
+    refused = await store.acquire([rcpts._replace(cost=20)], now + 10, "m3")
+    assert (refused.wait, refused.limit) == (50.0, 0)
+    assert (await store.acquire([rcpts._replace(cost=10)], now + 10, "m4")).used == 100
+    assert (await store.acquire([rcpts._replace(cost=20)], now + 60, "m5")).used == 60
+    await store.close()

@@ -79,3 +79,20 @@ async def test_acquire_sliding_window_all_or_nothing(backend):
     # exactly 60 s after the first event, it has left the window (half-open window)
     assert (await store.acquire([sender], now + 60, "t4")).wait == 0
     await store.close()
+
+
+async def test_acquire_with_a_cost_counts_each_unit(backend):
+    from gateway.state import Limit
+
+    url, clock, base = backend
+    store = open_store(url, clock, base)
+    now = clock.now().timestamp()
+    rcpts = Limit("rcpt:acme:60", 100, 60.0)
+    assert (await store.acquire([rcpts._replace(cost=60)], now, "m1")).used == 60
+    assert (await store.acquire([rcpts._replace(cost=30)], now + 5, "m2")).used == 90
+    # 20 more do not fit until the first 60 leave, at now + 60
+    refused = await store.acquire([rcpts._replace(cost=20)], now + 10, "m3")
+    assert (refused.wait, refused.limit) == (50.0, 0)
+    assert (await store.acquire([rcpts._replace(cost=10)], now + 10, "m4")).used == 100
+    assert (await store.acquire([rcpts._replace(cost=20)], now + 60, "m5")).used == 60
+    await store.close()

@@ -45,6 +45,8 @@ class RateLimit(Check):
         limits = deps.config.limits
         self.ceiling = limits.ceiling
         self.global_rate = Rate.parse(limits.global_rate) if limits.global_rate else None
+        self.recipient_ceiling = (Rate.parse(limits.recipient_rate) if limits.recipient_rate
+                                  else None)
         self.max_hold = limits.max_hold
         self.on_error = deps.config.state.on_error
         self.throttles = deps.throttles or Throttles(deps.state, deps.clock,
@@ -100,11 +102,21 @@ class RateLimit(Check):
             global_rates = await self.global_rates()
         except StoreError as exc:
             return self._store_down(exc)
-        limits = ([Limit(f"rate:{sender_id}:{r.period}", r.count, r.period) for r in sender_rates]
-                  + [Limit(f"rate:{GLOBAL}:{r.period}", r.count, r.period) for r in global_rates])
-        rates = sender_rates + global_rates
+        # (limit, what it limits, its rate): messages per sender, messages through the gateway,
+        # and, when configured, recipients per sender (a message costs one per recipient)
+        budget = ([(Limit(f"rate:{sender_id}:{r.period}", r.count, r.period), "sender", r)
+                   for r in sender_rates]
+                  + [(Limit(f"rate:{GLOBAL}:{r.period}", r.count, r.period), "global", r)
+                     for r in global_rates])
+        rcpt_rate = self.recipient_rate(ctx)
+        if rcpt_rate is not None and ctx.recipients:
+            cost = min(len(ctx.recipients), rcpt_rate.count)  # a bigger message takes it all
+            budget.append((Limit(f"rcpt:{sender_id}:{rcpt_rate.period}", rcpt_rate.count,
+                                 rcpt_rate.period, cost), "recipients", rcpt_rate))
+        limits = [limit for limit, _, _ in budget]
         if self.metrics is not None:
-            self.metrics.effective_rate.labels(sender_id).set(sender_rates[0].per_second * 60)
+            self.metrics.effective_rate.labels(sender_id).set(
+                min(r.per_second for r in sender_rates) * 60)
         holding = self.settings(ctx).mode == "enforce"
         clock = self.deps.clock
         deadline = clock.monotonic() + (self.max_hold if holding else 0)
@@ -120,20 +132,31 @@ class RateLimit(Check):
                     self.metrics.budget_used.labels(sender_id).set(admission.used)
                 return ACCEPT
             if admission.wait > deadline - clock.monotonic():
-                return self._deferred(sender_id, rates[admission.limit],
-                                      admission.limit >= len(sender_rates), admission.wait)
+                _, kind, rate = budget[admission.limit]
+                return self._deferred(sender_id, rate, kind, admission.wait)
             if not held and self.metrics is not None:
                 self.metrics.holds.labels(sender_id).inc()
             held = True
             await clock.sleep(admission.wait)
 
-    def _deferred(self, sender_id: str, rate: Rate, gateway_wide: bool, wait: float) -> Verdict:
+    def recipient_rate(self, ctx: Context) -> Rate | None:
+        """The recipients-per-period limit: the stricter of [limits] recipient_rate and the
+        sender's own ``recipient_rate`` (None when neither is set)."""
+        own = ctx.sender.own_recipient_rate if ctx.sender is not None else None
+        if self.recipient_ceiling is None:
+            return own
+        return self.recipient_ceiling.at_most(own)
+
+    def _deferred(self, sender_id: str, rate: Rate, kind: str, wait: float) -> Verdict:
         seconds = max(1, math.ceil(wait))
         if self.metrics is not None:
-            self.metrics.rate_deferrals.labels(sender_id, "global" if gateway_wide else "sender").inc()
-        if gateway_wide:
+            self.metrics.rate_deferrals.labels(sender_id, kind).inc()
+        if kind == "global":
             return defer(451, "4.7.1", f"Gateway-wide sending rate is limited to {rate} to "
                          f"protect campus mail; retry in {seconds} s", "global_rate_limited")
+        if kind == "recipients":
+            return defer(451, "4.7.1", f"Recipients of sender {sender_id} are limited to "
+                         f"{rate}; retry in {seconds} s", "recipient_rate_limited")
         return defer(451, "4.7.1", f"Sending rate of sender {sender_id} is limited to {rate}; "
                      f"retry in {seconds} s", "rate_limited")
 

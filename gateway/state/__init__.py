@@ -22,6 +22,7 @@ class Limit(NamedTuple):
     key: str
     count: int
     window: float  # seconds
+    cost: int = 1  # events this admission records (e.g. a message's recipients); <= count
 
 
 class Admission(NamedTuple):
@@ -30,12 +31,13 @@ class Admission(NamedTuple):
     used: int  # events now in the first limit's window (after recording, if admitted)
 
 
-def retry_after(times: list[float], count: int, window: float, now: float) -> float:
-    """Seconds until an event at ``now`` fits a window holding the sorted ``times``."""
-    excess = len(times) - count
-    if excess < 0:
+def retry_after(times: list[float], count: int, window: float, now: float,
+                cost: int = 1) -> float:
+    """Seconds until ``cost`` events at ``now`` fit a window holding the sorted ``times``."""
+    excess = len(times) + cost - count  # how many of the oldest must leave first
+    if excess <= 0:
         return 0.0
-    return max(times[excess] + window - now, 0.0)
+    return max(times[excess - 1] + window - now, 0.0)
 
 
 class Store(Protocol):

@@ -60,15 +60,16 @@ class MemoryStore:
 
     async def acquire(self, limits: list[Limit], now: float, token: str) -> Admission:
         wait, worst = 0.0, -1
-        for i, (key, count, window) in enumerate(limits):
+        for i, (key, count, window, cost) in enumerate(limits):
             times = self._windows.setdefault(key, [])
             del times[:bisect.bisect_right(times, now - window)]
-            w = retry_after(times, count, window, now)
+            w = retry_after(times, count, window, now, cost)
             if w > wait:
                 wait, worst = w, i
         if wait == 0:
-            for key, _, _ in limits:
-                bisect.insort(self._windows[key], now)
+            for key, _, _, cost in limits:
+                for _ in range(cost):
+                    bisect.insort(self._windows[key], now)
         return Admission(wait, worst, len(self._windows[limits[0].key]))
 
     # --- recipient flags (gateway.flags): sets of keyed hashes ----------------------------

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from gateway.clock import Clock
 from gateway.state import Admission, Limit, StoreError
 
-# KEYS: the window keys. ARGV: now, token, then count and window for each key.
+# KEYS: the window keys. ARGV: now, token, then count, window and cost for each key.
 # Sliding-window log in a sorted set per key (score = event time): prune what left the window,
 # find the wait each key imposes, and record the event in every key only when none does.
 _ACQUIRE = """
@@ -19,24 +19,29 @@ local now = tonumber(ARGV[1])
 local token = ARGV[2]
 local wait, worst, first = 0, -1, 0
 for i, key in ipairs(KEYS) do
-  local count = tonumber(ARGV[1 + 2 * i])
-  local window = tonumber(ARGV[2 + 2 * i])
+  local count = tonumber(ARGV[3 * i])
+  local window = tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local n = redis.call('ZCARD', key)
   if i == 1 then first = n end
-  if n >= count then
-    local at = redis.call('ZRANGE', key, n - count, n - count, 'WITHSCORES')
+  local excess = n + cost - count
+  if excess > 0 then
+    local at = redis.call('ZRANGE', key, excess - 1, excess - 1, 'WITHSCORES')
     local w = tonumber(at[2]) + window - now
     if w > wait then wait, worst = w, i - 1 end
   end
 end
 if wait > 0 then return {tostring(wait), worst, first} end
 for i, key in ipairs(KEYS) do
-  local window = tonumber(ARGV[2 + 2 * i])
-  redis.call('ZADD', key, now, token)
+  local window = tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
+  for j = 1, cost do
+    redis.call('ZADD', key, now, token .. ':' .. j)
+  end
   redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
 end
-return {'0', -1, first + 1}
+return {'0', -1, first + tonumber(ARGV[5])}
 """
 
 
@@ -134,8 +139,8 @@ class RedisStore:
 
     async def acquire(self, limits: list[Limit], now: float, token: str) -> Admission:
         args: list = [repr(now), token]
-        for _, count, window in limits:
-            args += [count, repr(float(window))]
+        for _, count, window, cost in limits:
+            args += [count, repr(float(window)), cost]
         wait, worst, used = await self._call(
             self._acquire(keys=[lim.key for lim in limits], args=args))
         return Admission(float(wait), int(worst), int(used))

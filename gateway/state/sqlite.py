@@ -136,32 +136,33 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes too
         try:
             wait, worst, counts = 0.0, -1, []
-            for i, (key, count, window) in enumerate(limits):
+            for i, (key, count, window, cost) in enumerate(limits):
                 # events that left the window are not counted, and are pruned now and then
                 # rather than on every decision (one statement fewer per message)
                 n = db.execute("SELECT COUNT(*) FROM window_events WHERE key = ? AND at > ?",
                                (key, now - window)).fetchone()[0]
                 counts.append(n)
-                if n >= count:  # the event whose leaving makes room: the (n - count)th oldest
+                excess = n + cost - count
+                if excess > 0:  # the event whose leaving makes room: the excess-th oldest
                     at = db.execute("SELECT at FROM window_events WHERE key = ? AND at > ? "
                                     "ORDER BY at LIMIT 1 OFFSET ?",
-                                    (key, now - window, n - count)).fetchone()[0]
+                                    (key, now - window, excess - 1)).fetchone()[0]
                     w = max(at + window - now, 0.0)
                     if w > wait:
                         wait, worst = w, i
             if wait == 0:
                 db.executemany("INSERT INTO window_events (key, at) VALUES (?, ?)",
-                               [(key, now) for key, _, _ in limits])
+                               [(key, now) for key, _, _, cost in limits for _ in range(cost)])
                 self._admitted += 1
                 if self._admitted % 256 == 0:
-                    for key, _, window in limits:
+                    for key, _, window, _ in limits:
                         db.execute("DELETE FROM window_events WHERE key = ? AND at <= ?",
                                    (key, now - window))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return Admission(wait, worst, counts[0] + (1 if wait == 0 else 0))
+        return Admission(wait, worst, counts[0] + (limits[0].cost if wait == 0 else 0))
 
     async def acquire(self, limits: list[Limit], now: float, token: str) -> Admission:
         return await self._run(self._acquire, limits, now)
