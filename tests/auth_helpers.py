@@ -162,6 +162,9 @@ def example_records() -> list[tuple[str, str, str]]:
         ("temp.acme", "TXT", txt("v=spf1 include:spf.refused.test ip4:127.0.0.1 -all")),
         ("mail.acme-mail", "TXT", txt(SPF_PASS)),
         ("other", "TXT", txt(SPF_PASS)),
+        # a record whose result depends on the local part (RFC 7208 7.2 %{l})
+        ("macro.acme", "TXT", txt("v=spf1 exists:%{l}.users.acme.example -all")),
+        ("bounce-ok.users.acme", "A", "127.0.0.2"),
     ]
     records += [(f"l{i}.acme", "A", f"192.0.2.{100 + i}") for i in range(1, 12)]
     # DKIM keys: d=acme.example (registered) and d=evil.example (not)
@@ -204,6 +207,6 @@ return_path = ["bounce-*@pass.acme.example", "bounce-*@fail.acme.example",
                "bounce-*@soft.acme.example", "bounce-*@neutral.acme.example",
                "bounce-*@none.acme.example", "bounce-*@perm.acme.example",
                "bounce-*@void.acme.example", "bounce-*@temp.acme.example",
-               "bounce-*@mail.acme-mail.example"]
+               "bounce-*@mail.acme-mail.example", "bounce-*@macro.acme.example"]
 expires = 2027-06-30
 """

@@ -215,3 +215,15 @@ async def test_lookups_are_cached_across_evaluations(resolver):
     assert cached >= 3  # TXT mx, MX mx, A mx1
     await spf(resolver, "u@mx.spf.test", "192.0.2.3")
     assert resolver.cache_len() == cached
+
+
+@pytest.mark.parametrize("mail_from,per_domain", [
+    ("u@all-pass.spf.test", True),            # no macro
+    ("u@macro-d2.spf.test", True),            # %{d2}: the domain only
+    ("u@exp.spf.test", True),                 # exp= with %{i} and %{d}
+    ("alice@macro-l.spf.test", False),        # %{l}: the local part decides
+    ("bob@macro-l.spf.test", False),
+])
+async def test_result_says_whether_it_depends_only_on_ip_and_domain(resolver, mail_from,
+                                                                    per_domain):
+    assert (await spf(resolver, mail_from, "192.0.2.3")).per_domain is per_domain

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal
 
 import spf
@@ -28,6 +28,7 @@ log = structlog.get_logger("gateway.auth")
 SpfResultName = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
 Identity = Literal["mailfrom", "helo"]
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_MACRO = re.compile(r"%\{([A-Za-z])")
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -41,6 +42,9 @@ class SpfResult:
     domain: str  # the domain checked: MAIL FROM's, or the HELO name
     result: SpfResultName
     explanation: str = ""  # pyspf's reason or the domain's exp= text, printable
+    # the evaluation used no macro naming the sender's local part, the HELO name or the time, so
+    # the same client IP and domain give the same result (see sender_auth's SPF memo)
+    per_domain: bool = field(default=False, compare=False)
 
 
 class _Query(spf.query):
@@ -51,6 +55,14 @@ class _Query(spf.query):
         super().__init__(**kw)
         self._lookup = lookup
         self._deadline = deadline
+        self.per_domain = True  # until a macro says otherwise
+
+    def expand(self, s, stripdot=True):
+        # %{d} %{o} (the domain), %{i} %{c} %{v} (the client IP) keep a result a function of
+        # (IP, domain); %{s} %{l} %{h} %{p} %{r} %{t} do not
+        if any(m.lower() not in "dociv" for m in _MACRO.findall(s)):
+            self.per_domain = False
+        return super().expand(s, stripdot)
 
     def dns(self, name, qtype, cnames=None, ignore_void=False):  # noqa: D401 - pyspf's interface
         if not name:
@@ -110,7 +122,8 @@ def evaluate(lookup: Callable[[str, str], Answer], ip: str, mail_from: str, helo
         result = "permerror"
     if explanation == spf.EXPLANATIONS.get(result):
         explanation = ""  # pyspf's generic text says nothing the result does not
-    return SpfResult(identity, domain, result, printable(explanation or ""))
+    return SpfResult(identity, domain, result, printable(explanation or ""),
+                     per_domain=q.per_domain and result not in ("temperror",))
 
 
 async def check_spf(resolver: Resolver, ip: str, mail_from: str, helo: str,

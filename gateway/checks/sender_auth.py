@@ -89,9 +89,12 @@ class SenderAuth(Check):
         super().__init__(deps)
         self.aligner: Aligner | None = None  # the Public Suffix List, loaded at first use
         self.dkim = DkimVerifier(deps.dns) if deps.dns is not None else None
-        # HELO SPF depends only on (client IP, HELO name), which a vendor's connection repeats
-        # for every message: remembered briefly, so bulk mail evaluates it once, not per message
-        self._helo_spf: OrderedDict[tuple[str, str], tuple[float, SpfResult]] = OrderedDict()
+        # SPF results that depend only on (client IP, domain): bulk mail repeats them for every
+        # message (VERP return-paths differ only in the local part), so they are remembered for
+        # a minute: HELO results always (the HELO identity has no other input), MAIL FROM ones
+        # when the evaluation used no macro naming the local part, HELO name or time
+        self._spf_memo: OrderedDict[tuple[str, str, str], tuple[float, SpfResult]] = \
+            OrderedDict()
 
     async def check(self, ctx: Context) -> Verdict:
         s: SenderAuthSettings = self.settings(ctx)  # type: ignore[assignment]
@@ -130,36 +133,44 @@ class SenderAuth(Check):
         now = self.deps.clock.now().timestamp()
         ip, receiver = str(ctx.client_ip), self.deps.config.server.hostname
         resolver = self.deps.dns
-        jobs = [check_spf(resolver, ip, ctx.mail_from, ctx.helo, "mailfrom", receiver, now,
-                          s.spf_time_limit),
-                self.dkim.verify(ctx.raw, DkimOptions(
+        mail_domain = ctx.mail_from.rpartition("@")[2].lower()
+        mailfrom = self._memo("mailfrom", ip, mail_domain)
+        helo = self._memo("helo", ip, ctx.helo.lower()) if s.check_helo else None
+        jobs = [self.dkim.verify(ctx.raw, DkimOptions(
                     now=now, min_rsa_bits=s.min_rsa_bits, allow_body_length=s.allow_body_length,
                     max_signatures=s.max_signatures, clock_skew=s.clock_skew))]
-        helo = self._helo_cached(ip, ctx.helo) if s.check_helo else None
+        if mailfrom is None:
+            jobs.append(check_spf(resolver, ip, ctx.mail_from, ctx.helo, "mailfrom", receiver,
+                                  now, s.spf_time_limit))
         if s.check_helo and helo is None:
             jobs.append(check_spf(resolver, ip, ctx.mail_from, ctx.helo, "helo", receiver, now,
                                   s.spf_time_limit))
-        done = await asyncio.gather(*jobs)
+        signatures, *spf_done = await asyncio.gather(*jobs)
+        if mailfrom is None:
+            mailfrom = spf_done.pop(0)
+            if mailfrom.per_domain:
+                self._remember("mailfrom", ip, mail_domain, mailfrom)
         if s.check_helo and helo is None:
-            helo = done[2]
-            if helo.result not in ("temperror", "permerror"):
-                self._remember_helo(ip, ctx.helo, helo)
-        return done[0], helo, done[1]
+            helo = spf_done.pop(0)
+            if helo.result != "temperror":
+                self._remember("helo", ip, ctx.helo.lower(), helo)
+        return mailfrom, helo, signatures
 
-    HELO_SPF_SECONDS = 60.0
-    HELO_SPF_ENTRIES = 1024
+    SPF_MEMO_SECONDS = 60.0
+    SPF_MEMO_ENTRIES = 4096
 
-    def _helo_cached(self, ip: str, helo: str) -> SpfResult | None:
-        hit = self._helo_spf.get((ip, helo.lower()))
-        if hit is None or self.deps.clock.monotonic() - hit[0] > self.HELO_SPF_SECONDS:
+    def _memo(self, identity: str, ip: str, domain: str) -> SpfResult | None:
+        hit = self._spf_memo.get((identity, ip, domain))
+        if hit is None or self.deps.clock.monotonic() - hit[0] > self.SPF_MEMO_SECONDS:
             return None
         return hit[1]
 
-    def _remember_helo(self, ip: str, helo: str, result: SpfResult) -> None:
-        self._helo_spf[(ip, helo.lower())] = (self.deps.clock.monotonic(), result)
-        self._helo_spf.move_to_end((ip, helo.lower()))
-        while len(self._helo_spf) > self.HELO_SPF_ENTRIES:
-            self._helo_spf.popitem(last=False)
+    def _remember(self, identity: str, ip: str, domain: str, result: SpfResult) -> None:
+        key = (identity, ip, domain)
+        self._spf_memo[key] = (self.deps.clock.monotonic(), result)
+        self._spf_memo.move_to_end(key)
+        while len(self._spf_memo) > self.SPF_MEMO_ENTRIES:
+            self._spf_memo.popitem(last=False)
 
     def _judge_spf(self, r: SpfResult, author: str, author_ok: bool, domains: tuple[str, ...],
                    s: SenderAuthSettings) -> Judgement:
