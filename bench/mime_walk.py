@@ -5,7 +5,7 @@ then walks that tree without parsing again. This measures both, separately, in t
 parse is the baseline (about 1.8 ms per 100 KB on the reference machine), the walk has a budget
 of 2 ms of CPU per 100 KB. The message_class and unsubscribe header checks are timed too.
 
-    /tmp/venv/bin/python bench/mime_walk.py [--size 102400] [--rounds 300] [--check]
+    .venv-test/bin/python bench/mime_walk.py [--size 102400] [--rounds 300] [--check]
 
 With ``--check`` the exit status is 1 when the walk exceeds its budget. Figures are CPU time
 (``time.process_time``) per message, median and 90th percentile over the rounds, and scaled to
