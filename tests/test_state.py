@@ -96,3 +96,37 @@ async def test_acquire_with_a_cost_counts_each_unit(backend):
     assert (await store.acquire([rcpts._replace(cost=10)], now + 10, "m4")).used == 100
     assert (await store.acquire([rcpts._replace(cost=20)], now + 60, "m5")).used == 60
     await store.close()
+
+
+async def test_sqlite_decision_waits_off_the_loop_while_another_writer_holds_the_file(tmp_path):
+    """The fast path never waits for a lock: with another process's writer (here a second
+    connection) holding the database, the decision goes to the worker thread, which waits."""
+    import threading
+    import time
+
+    from gateway.state import Limit
+
+    clock = FakeClock()
+    store = open_store("sqlite:s.sqlite3", clock, tmp_path)
+    limit = [Limit("rate:acme:60", 5, 60.0)]
+    assert (await store.acquire(limit, clock.now().timestamp(), "a")).used == 1
+    other = sqlite3.connect(tmp_path / "s.sqlite3", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    ticks = 0
+
+    async def ticker():  # the event loop keeps running while the decision waits
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    started = time.monotonic()
+    admission = await store.acquire(limit, clock.now().timestamp(), "b")
+    waited = time.monotonic() - started
+    task.cancel()
+    assert admission.used == 2
+    assert waited >= 0.25 and ticks >= 3  # it waited for the lock, and not on the loop
+    other.close()
+    await store.close()
