@@ -54,7 +54,7 @@ def _run(config: Config, work) -> int:
     try:
         return asyncio.run(main())
     except FlagKeyMismatch as exc:
-        print(f"error: {config.flags.key_file}: {exc}", file=sys.stderr)
+        print(f"error: {config.path(config.flags.key_file)}: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:
         print(f"error: state store unavailable: {exc}", file=sys.stderr)

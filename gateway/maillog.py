@@ -99,6 +99,3 @@ class MailLog:
         if "recipients" in fields:
             fields["recipients"] = [self.rcpt_id(r) for r in fields["recipients"]]
         self.log.info("message", **fields)
-
-    def event(self, name: str, **fields) -> None:
-        self.log.info(name, **fields)

@@ -58,11 +58,19 @@ async def test_sqlite_survives_restart(tmp_path):
     assert sorted(r[0] for r in rows) == ["budget:acme", "throttle:acme"]
 
 
-async def test_acquire_sliding_window_all_or_nothing(backend):
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def window_store(request, tmp_path):
+    """A store for the window admission tests, on each backend (Redis: a real redis-server)."""
+    clock = FakeClock()
+    url = {"memory": "memory:", "sqlite": "sqlite:state.sqlite3"}.get(request.param) \
+        or request.getfixturevalue("redis_server").url
+    return open_store(url, clock, tmp_path), clock
+
+
+async def test_acquire_sliding_window_all_or_nothing(window_store):
     from gateway.state import Limit
 
-    url, clock, base = backend
-    store = open_store(url, clock, base)
+    store, clock = window_store
     now = clock.now().timestamp()
     sender = Limit("rate:acme:60", 3, 60.0)
     gateway = Limit("rate:global:60", 4, 60.0)
@@ -81,11 +89,10 @@ async def test_acquire_sliding_window_all_or_nothing(backend):
     await store.close()
 
 
-async def test_acquire_with_a_cost_counts_each_unit(backend):
+async def test_acquire_with_a_cost_counts_each_unit(window_store):
     from gateway.state import Limit
 
-    url, clock, base = backend
-    store = open_store(url, clock, base)
+    store, clock = window_store
     now = clock.now().timestamp()
     rcpts = Limit("rcpt:acme:60", 100, 60.0)
     assert (await store.acquire([rcpts._replace(cost=60)], now, "m1")).used == 60

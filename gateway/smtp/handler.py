@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import compat32
 from typing import TYPE_CHECKING
@@ -59,7 +59,6 @@ class Transaction:
     upstream: UpstreamTransaction
     outcome: Outcome
     started: float
-    refused: list[str] = field(default_factory=list)
 
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
@@ -249,7 +248,6 @@ class Handler:
         if reply.ok:
             envelope.rcpt_tos.append(ctx.recipients[-1])
         else:
-            txn.refused.append(address)
             self.metrics.recipients.labels(_sender_label(ctx), "refused").inc()
             # the upstream's text may name the recipient: log its codes only
             said = f"{reply.code} {reply.enhanced}" if reason == "upstream" else str(reply)

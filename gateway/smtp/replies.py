@@ -24,10 +24,6 @@ class Reply:
         return 400 <= self.code < 500
 
     @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
     def ok(self) -> bool:
         return 200 <= self.code < 400
 
