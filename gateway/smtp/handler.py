@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import compat32
 from typing import TYPE_CHECKING
@@ -33,6 +33,7 @@ from gateway.quarantine import item_for
 from gateway.relay.base import Transaction as UpstreamTransaction
 from gateway.relay.base import Upstream, UpstreamError
 from gateway.smtp.address import AddressError, DomainSet, parse_mailbox
+from gateway.smtp.recipients import DUPLICATE, path_key
 from gateway.smtp.replies import Reply
 from gateway.smtp.server import NULL_PATH
 
@@ -59,6 +60,7 @@ class Transaction:
     upstream: UpstreamTransaction
     outcome: Outcome
     started: float
+    rcpt_keys: set[str] = field(default_factory=set)  # accepted recipients (recipients.py)
 
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
@@ -244,9 +246,13 @@ class Handler:
         if txn is None:
             return "503 5.5.1 Need MAIL command"
         ctx = txn.ctx
+        key = path_key(address)
+        if key is not None and key in txn.rcpt_keys:  # not forwarded or counted again
+            return str(DUPLICATE)
         reply, reason = await self._rcpt(txn, address, len(envelope.rcpt_tos))
         if reply.ok:
             envelope.rcpt_tos.append(ctx.recipients[-1])
+            txn.rcpt_keys.add(key)
         else:
             self.metrics.recipients.labels(_sender_label(ctx), "refused").inc()
             # the upstream's text may name the recipient: log its codes only

@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
+
+# Reply text is printable ASCII only: anything else (CR, LF, ESC, NUL, DEL, 8-bit, Unicode line
+# separators) that reached a reply from client input is written as \xNN (\uNNNN above 0xff), so
+# that no client can make the gateway send a line break, a terminal escape or an extra reply line.
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+MAX_LINE = 510  # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF
+
+
+def _escape_char(m: re.Match) -> str:
+    n = ord(m.group())
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
+
+
+def escape_line(text: str) -> str:
+    """One reply line made safe: control and non-ASCII characters escaped, at most 512
+    octets with its CRLF."""
+    text = _UNSAFE.sub(_escape_char, text)
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "..."
+
+
+def escape_reply(status: str) -> str:
+    """A reply as pushed to the client: its lines are separated by CRLF (only the gateway
+    puts CRLF there; a command line read from the client never contains LF), each made safe
+    with :func:`escape_line`."""
+    return "\r\n".join(escape_line(line) for line in status.split("\r\n"))
 
 
 @dataclass(frozen=True)
@@ -13,11 +38,14 @@ class Reply:
     code: int
     enhanced: str
     text: str
+    # An upstream's multi-line reply, line by line (:func:`from_upstream`). The gateway's own
+    # texts are one line: a CR or LF in them (from client input) is escaped, never a line break.
+    lines: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
-        lines = self.text.splitlines() or [""]
-        head = [f"{self.code}-{self.enhanced} {line}" for line in lines[:-1]]
-        return "\r\n".join([*head, f"{self.code} {self.enhanced} {lines[-1]}"])
+        lines = list(self.lines or [self.text])
+        head = [f"{self.code}-{self.enhanced} {escape_line(line)}" for line in lines[:-1]]
+        return "\r\n".join([*head, f"{self.code} {self.enhanced} {escape_line(lines[-1])}"])
 
     @property
     def transient(self) -> bool:
@@ -57,7 +85,7 @@ def add_enhanced(line: str) -> str:
 
 def from_upstream(code: int, message: str) -> Reply:
     """An upstream server's reply, passed through with its own enhanced code when it has one."""
-    lines = message.splitlines() or [""]
+    lines = message.split("\n")  # aiosmtplib's line separator; nothing else breaks a line
     first, _, rest = lines[0].partition(" ")
     m = _ENHANCED.match(first)
     if m and m.group(1) == str(code)[0]:
@@ -67,4 +95,4 @@ def from_upstream(code: int, message: str) -> Reply:
                  else ln for ln in lines]
     else:
         enhanced = DEFAULT_ENHANCED.get(code, f"{code // 100}.0.0")
-    return Reply(code, enhanced, "\n".join(lines))
+    return Reply(code, enhanced, "\n".join(lines), lines=tuple(lines))

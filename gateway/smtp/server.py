@@ -18,7 +18,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 
 from gateway.smtp.address import split_path
-from gateway.smtp.replies import add_enhanced
+from gateway.smtp.replies import add_enhanced, escape_reply
 
 NULL_PATH = "<>"
 DATA_WINDOW = 256 * 1024  # bytes scanned (and buffered) per read while receiving DATA
@@ -80,8 +80,12 @@ class GatewaySMTP(SMTP):
         await super()._handle_client()
 
     async def push(self, status: str | bytes) -> None:
-        if isinstance(status, str) and not self._greeting_reply:
-            status = add_enhanced(status)
+        if isinstance(status, str):
+            # every reply, aiosmtpd's own that echo the command included: no control
+            # character from the client ever reaches it (see replies.escape_reply)
+            if not self._greeting_reply:
+                status = add_enhanced(status)
+            status = escape_reply(status)
         await super().push(status)
         if isinstance(status, str) and status.startswith("421") and self.transport is not None:
             self.transport.close()  # 421: the server closes the transmission channel
