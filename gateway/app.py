@@ -19,6 +19,7 @@ from gateway.checks.pipeline import Pipeline
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, parse_hostport
 from gateway.dns import Resolver
+from gateway.engine import Engine
 from gateway.flags import open_flags
 from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
@@ -76,8 +77,10 @@ class Gateway:
                     flags=self.flags)
         self.pipeline = Pipeline([c(deps) for c in CHECKS], deps,
                                  observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
-        self.handler = Handler(config=cfg, registry=self.registry, pipeline=self.pipeline,
-                               upstream=self.upstream, clock=self.clock, maillog=self.maillog,
+        self.engine = Engine(config=cfg, registry=self.registry, pipeline=self.pipeline,
+                             clock=self.clock, maillog=self.maillog, metrics=self.metrics)
+        self.handler = Handler(engine=self.engine, config=cfg, registry=self.registry,
+                               upstream=self.upstream, maillog=self.maillog,
                                metrics=self.metrics, adaptive=self.adaptive)
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()

@@ -49,17 +49,17 @@ def test_no_parse_when_no_check_reads_the_message(gateways, sink, logs):
     names = {c.name for c in CHECKS if c.uses_message} - {"identity", "registration", "return_path"}
     off = "".join(f'[checks.{name}]\nmode = "off"\n' for name in sorted(names))
     gw = gateways.start(off, upstream=sink.url)
-    handler = gw.gateway.handler
+    engine = gw.gateway.engine
     parsed = []
-    original = handler._parse
+    original = engine.parse
 
     async def spy(content):
         parsed.append(len(content))
         return await original(content)
 
-    handler._parse = spy
+    engine.parse = spy
     client, (code, _) = send(gw)
     client.quit()
     assert code == 250 and parsed == []
     assert logs.events("message")[0]["message_id"] == "<m1@em.acme.example>"
-    handler._parse = original
+    engine.parse = original

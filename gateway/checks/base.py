@@ -90,6 +90,10 @@ class Context:
     rcpt: str | None = None
     # Recipient flags looked up so far, by recipient (checks.recipient_flags); never logged.
     recipient_flags: dict[str, frozenset[str]] = field(default_factory=dict)
+    # A dry run (``gateway explain``, through Engine.explain): decide as for real, but spend no
+    # budget, count no audience and write no state. The engine itself logs, counts and stores
+    # nothing then; a check that spends or writes must only look when this is set.
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,24 +146,34 @@ class Check:
         raise NotImplementedError
 
 
-def strip_header_fields(raw: bytes, predicates: list[Callable[[str, str], bool]]) -> bytes:
-    """``raw`` without the header fields (with their continuation lines) that any predicate
-    matches, given (name, unfolded value); everything else is kept byte for byte."""
+def header_fields(raw: bytes) -> list[tuple[str, str, list[bytes]]]:
+    """The header block of ``raw`` as (name, unfolded value, its lines) per field, in order."""
     end = raw.find(b"\r\n\r\n")
-    if not predicates or end < 0:
-        return raw
+    if end < 0:
+        return []
     fields: list[list[bytes]] = []
     for line in raw[:end].split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1].append(line)
         else:
             fields.append([line])
-    kept = []
+    out = []
     for lines in fields:
         name = lines[0].partition(b":")[0].decode("latin-1")
         value = b"".join(lines)[len(name) + 1:].decode("latin-1")
-        if not any(p(name, value) for p in predicates):
-            kept.append(b"\r\n".join(lines))
+        out.append((name, value, lines))
+    return out
+
+
+def strip_header_fields(raw: bytes, predicates: list[Callable[[str, str], bool]]) -> bytes:
+    """``raw`` without the header fields (with their continuation lines) that any predicate
+    matches, given (name, unfolded value); everything else is kept byte for byte."""
+    end = raw.find(b"\r\n\r\n")
+    if not predicates or end < 0:
+        return raw
+    fields = header_fields(raw)
+    kept = [b"\r\n".join(lines) for name, value, lines in fields
+            if not any(p(name, value) for p in predicates)]
     if len(kept) == len(fields):
         return raw
     return b"\r\n".join(kept) + raw[end:] if kept else raw[end + 2:]

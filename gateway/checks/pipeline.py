@@ -8,6 +8,18 @@ from dataclasses import dataclass, field
 from gateway.checks.base import ACCEPT, Check, Context, Deps, Stage, Verdict
 
 
+@dataclass(frozen=True)
+class CheckRun:
+    """One check's part in a run, for ``gateway explain``: its mode, what it said (None when
+    it did not run: off, or inactive for this transaction) and how long it took."""
+
+    name: str
+    stage: Stage
+    mode: str
+    verdict: Verdict | None
+    ms: float | None
+
+
 @dataclass
 class Outcome:
     verdict: Verdict = ACCEPT
@@ -16,6 +28,7 @@ class Outcome:
     monitored: list[tuple[str, Verdict]] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
     drop: dict[str, str] = field(default_factory=dict)  # recipient -> "check:rule" (Verdict.drop)
+    trace: list[CheckRun] | None = None  # filled when a caller sets it to a list (explain)
 
 
 class Pipeline:
@@ -35,11 +48,16 @@ class Pipeline:
         for check in self.by_stage[stage]:
             mode = check.settings(ctx).mode
             if mode == "off" or not check.active(ctx):
+                if outcome.trace is not None:
+                    outcome.trace.append(CheckRun(check.name, stage, mode, None, None))
                 continue
             started = time.perf_counter()
             verdict = await check.check(ctx)
             elapsed = time.perf_counter() - started
             outcome.timings_ms[check.name] = round(elapsed * 1000, 3)
+            if outcome.trace is not None:
+                outcome.trace.append(CheckRun(check.name, stage, mode, verdict,
+                                              outcome.timings_ms[check.name]))
             self.observe(check.name, elapsed)
             if verdict.accepted:
                 outcome.headers.extend(verdict.headers)
