@@ -10,13 +10,16 @@ from gateway.checks.recipient_flags import RecipientFlags, RecipientFlagsAtRcpt
 from gateway.checks.registration import Registration
 from gateway.checks.return_path import ReturnPath
 from gateway.checks.sender_auth import SenderAuth
-from gateway.checks.unsubscribe import Unsubscribe
+from gateway.checks.unsubscribe import Unsubscribe, UnsubscribeCoverage
 
 # Content controls (DATA): the class first (unsubscribe and later controls key on it), then the
 # cheap header checks, then the MIME walk.
 CHECKS: tuple[type[Check], ...] = (Identity, Registration, ReturnPath,
                                    MessageClass, Unsubscribe, Attachments,
                                    SenderAuth,  # SPF/DKIM/alignment: DNS, after the cheap ones
+                                   # RFC 8058 4: the covering signature is valid (reuses
+                                   # sender_auth's verified signatures)
+                                   UnsubscribeCoverage,
                                    LargeAudience,  # counts the audience; defers in business hours
                                    # flagged recipients (RCPT in reject mode; DATA): after every
                                    # refusal, so the vendor learns of those

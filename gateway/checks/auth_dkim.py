@@ -44,6 +44,7 @@ class DkimResult:
     b: str = ""  # the first characters of b=, to tell signatures apart (RFC 6008)
     reason: str = ""
     key_bits: int = 0
+    signed: frozenset[str] = frozenset()  # the lower-cased header names of h= (what it covers)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,10 @@ class _Sig:
     early: DkimResult | None = None  # decided without the key
 
     def result(self, result: DkimResultName, reason: str, bits: int = 0) -> DkimResult:
+        signed = frozenset(h.strip().lower().decode("ascii", "replace")
+                           for h in self.tags.get(b"h", b"").split(b":") if h.strip())
         return DkimResult(result, self.domain, self.selector, self.algorithm, self.b,
-                          printable(reason), bits)
+                          printable(reason), bits, signed)
 
 
 def _text(value: bytes) -> str:

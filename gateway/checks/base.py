@@ -20,6 +20,7 @@ from gateway.smtp.replies import Reply
 
 if TYPE_CHECKING:
     from gateway.adaptive import AdaptiveRate
+    from gateway.checks.auth_dkim import DkimResult
     from gateway.metrics import Metrics
     from gateway.throttles import Throttles
     from gateway.dns import Resolver
@@ -94,6 +95,9 @@ class Context:
     # budget, count no audience and write no state. The engine itself logs, counts and stores
     # nothing then; a check that spends or writes must only look when this is set.
     dry_run: bool = False
+    # Every DKIM-Signature of ``raw`` verified, once per message (checks.dkim_once): shared by
+    # sender_auth and unsubscribe so that no signature is verified twice. None: not yet.
+    dkim: list[DkimResult] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,11 @@ from typing import Literal
 import structlog
 
 from gateway.checks.auth_alignment import Aligner, FromError, author_domain, registered
-from gateway.checks.auth_dkim import DkimOptions, DkimResult, DkimVerifier
+from gateway.checks.auth_dkim import DkimResult, DkimVerifier
 from gateway.checks.auth_results import HEADER, format_value
 from gateway.checks.auth_spf import SpfResult, check_spf
 from gateway.checks.base import Check, Context, Deps, Stage, Verdict, defer, reject
+from gateway.checks.dkim_once import verified
 from gateway.config import CheckSettings
 from gateway.smtp.replies import Reply
 from gateway.typed import ConfigError
@@ -136,9 +137,7 @@ class SenderAuth(Check):
         mail_domain = ctx.mail_from.rpartition("@")[2].lower()
         mailfrom = self._memo("mailfrom", ip, mail_domain)
         helo = self._memo("helo", ip, ctx.helo.lower()) if s.check_helo else None
-        jobs = [self.dkim.verify(ctx.raw, DkimOptions(
-                    now=now, min_rsa_bits=s.min_rsa_bits, allow_body_length=s.allow_body_length,
-                    max_signatures=s.max_signatures, clock_skew=s.clock_skew))]
+        jobs = [verified(ctx, self.deps, self.dkim)]  # (already done when unsubscribe needed it)
         if mailfrom is None:
             jobs.append(check_spf(resolver, ip, ctx.mail_from, ctx.helo, "mailfrom", receiver,
                                   now, s.spf_time_limit))

@@ -3,9 +3,21 @@
 Every message whose class (the ``message_class`` check) is not transactional must carry
 ``List-Unsubscribe`` (RFC 2369) with at least one ``https:`` or ``mailto:`` URI. With an
 ``https:`` URI it must also carry ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``
-(RFC 8058 one-click unsubscribe). When the message is DKIM-signed, a signature must cover these
-headers: its ``h=`` tag lists List-Unsubscribe, and List-Unsubscribe-Post when present (RFC 8058
-section 4). Whether the signature verifies is the DKIM check's business, not this one's.
+(RFC 8058 one-click unsubscribe). When the message is DKIM-signed, a *valid* signature must cover
+these headers (RFC 8058 section 4): one that verifies (``pass``), whose ``d=`` is one of the
+sender's registered domains, and whose ``h=`` tag lists List-Unsubscribe, and
+List-Unsubscribe-Post when present. A signature that fails, or signs for another domain, does not
+count, whatever its ``h=`` says.
+
+The signatures are verified once per message (gateway.checks.dkim_once): the check's first half
+(:class:`Unsubscribe`, with the cheap header checks) refuses a message none of whose signatures
+lists the fields in ``h=``, without a DNS query; its second half (:class:`UnsubscribeCoverage`,
+same name, mode and settings) runs after ``sender_auth`` and reuses the results it verified, so
+that a message whose signatures fail is first told that its authentication failed. The
+verification uses ``[checks.sender_auth]``'s DKIM options whatever that check's mode, so with
+``sender_auth`` off or in monitor mode the coverage is still judged by verified signatures.
+A covering signature whose key cannot be fetched for now defers (451 4.7.5) rather than refuse
+mail that may be fine; without a resolver at all the check defers with 451 4.3.0.
 
 Anything missing or malformed is refused with 550 5.7.1 naming what is missing.
 """
@@ -14,9 +26,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from email.message import Message
 from urllib.parse import urlsplit
 
-from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, reject
+from gateway.checks.auth_alignment import registered
+from gateway.checks.auth_dkim import DkimResult, DkimVerifier
+from gateway.checks.base import ACCEPT, Check, Context, Deps, Stage, Verdict, defer, reject
+from gateway.checks.dkim_once import verified
 from gateway.checks.message_class import message_class_of
 from gateway.config import CheckSettings
 
@@ -127,10 +143,66 @@ class Unsubscribe(Check):
                          "one_click_malformed")
         signatures = message.get_all("DKIM-Signature") or []
         if signatures and settings.require_signed:
-            needed = ["list-unsubscribe"] + (["list-unsubscribe-post"] if posts else [])
-            if not any(set(needed) <= dkim_signed_headers(str(s)) for s in signatures):
-                names = " and ".join(["List-Unsubscribe", "List-Unsubscribe-Post"][:len(needed)])
+            needed = _needed(message)
+            names = " and ".join(["List-Unsubscribe", "List-Unsubscribe-Post"][:len(needed)])
+            if not any(needed <= dkim_signed_headers(str(s)) for s in signatures):
                 return _fail(f"DKIM-Signature does not cover {names}: list "
                              f"{'them' if posts else 'it'} in the h= tag of the signature "
                              "(RFC 8058 section 4)", "unsubscribe_unsigned")
-        return ACCEPT
+        return ACCEPT  # whether a covering signature is valid: UnsubscribeCoverage, later
+
+
+def _needed(message: Message) -> frozenset[str]:
+    posts = message.get_all("List-Unsubscribe-Post") or []
+    return frozenset(["list-unsubscribe"] + (["list-unsubscribe-post"] if posts else []))
+
+
+class UnsubscribeCoverage(Check):
+    """The second half of ``unsubscribe`` (same name, mode and settings), run after
+    ``sender_auth``: a signature whose ``h=`` covers the unsubscribe fields must be valid
+    (RFC 8058 section 4). After ``sender_auth`` so that a message whose signatures fail is told
+    about its authentication first, and so that the signatures it verified are reused."""
+
+    name = "unsubscribe"
+    stage = Stage.DATA
+    description = Unsubscribe.description
+    Settings = UnsubscribeSettings
+
+    def __init__(self, deps: Deps) -> None:
+        super().__init__(deps)
+        self.verifier: DkimVerifier | None = None  # built at first use (needs the resolver)
+
+    async def check(self, ctx: Context) -> Verdict:
+        message = ctx.message
+        if (message is None or message_class_of(ctx, self.deps) == "transactional"
+                or not self.settings(ctx).require_signed):
+            return ACCEPT
+        needed = _needed(message)
+        if not any(needed <= dkim_signed_headers(str(s))
+                   for s in message.get_all("DKIM-Signature") or []):
+            return ACCEPT  # unsigned, or refused by the first half (unless it only monitors)
+        names = " and ".join(["List-Unsubscribe", "List-Unsubscribe-Post"][:len(needed)])
+        if self.deps.dns is None:
+            return defer(451, "4.3.0", "DKIM signatures cannot be verified (no resolver); try "
+                         "again later", "auth_unavailable")
+        if self.verifier is None:
+            self.verifier = DkimVerifier(self.deps.dns)
+        results = await verified(ctx, self.deps, self.verifier)
+        domains = ctx.sender.domains if ctx.sender is not None else ()
+        covering = [r for r in results if needed <= r.signed]
+        if any(r.result == "pass" and registered(r.domain, domains) for r in covering):
+            return ACCEPT
+        if any(r.result == "temperror" and registered(r.domain, domains) for r in covering):
+            return defer(451, "4.7.5", f"The DKIM signature covering {names} could not be "
+                         "verified for now (key look-up failed); try again later",
+                         "unsubscribe_temperror")
+        why = "; ".join(_why(r, domains) for r in covering) or "no verified signature covers them"
+        return _fail(f"{names} must be covered by a valid DKIM signature of a registered domain "
+                     f"(RFC 8058 section 4): {why}"[:900], "unsubscribe_unsigned")
+
+
+def _why(r: DkimResult, domains: tuple[str, ...]) -> str:
+    label = f"signature d={r.domain or '?'} s={r.selector or '?'}"
+    if r.result != "pass":
+        return f"{label} is {r.result}" + (f" ({r.reason})" if r.reason else "")
+    return f"{label} passes but d= is not a registered domain of this sender"
