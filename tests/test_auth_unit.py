@@ -11,6 +11,7 @@ import pytest
 
 from gateway.checks.auth_alignment import Aligner, FromError, author_domain, registered
 from gateway.checks.auth_dkim import DkimResult, has_signature
+from gateway.checks.auth_dmarc import DmarcResult
 from gateway.checks.auth_results import authserv_id, claims, format_value, quote
 from gateway.checks.auth_spf import SpfResult
 from gateway.checks.base import strip_header_fields
@@ -81,8 +82,27 @@ def test_authentication_results_value():
         'dkim=pass (2048-bit key) header.d=acme.example header.s=s1 header.b="ab/c+d="',
         'dkim=fail reason="body hash did not verify" header.d=acme.example header.s=s2 '
         "header.b=xyz",
-        "dmarc=pass header.from=em.acme.example"]
+        "x-ecomm-alignment=pass header.from=em.acme.example"]
     assert "dkim=none" in format_value("gw.test", spf[:1], [], "fail", "x.example")
+
+
+@pytest.mark.parametrize("result,expected", [
+    (DmarcResult("pass", "em.acme.example", "reject"), "dmarc=pass (p=reject)"),
+    (DmarcResult("fail", "em.acme.example", "reject", "reject", reason="no SPF or DKIM pass"),
+     "dmarc=fail (p=reject)"),
+    (DmarcResult("fail", "em.acme.example", "reject", "quarantine", 50),
+     "dmarc=fail (p=reject pct=50 dis=quarantine)"),
+    (DmarcResult("none", "em.acme.example", reason="no DMARC record at _dmarc.acme.example"),
+     'dmarc=none reason="no DMARC record at _dmarc.acme.example"'),
+    (DmarcResult("temperror", "em.acme.example", reason="DMARC record look-up failed"),
+     'dmarc=temperror reason="DMARC record look-up failed"'),
+])
+def test_dmarc_is_reported_before_the_gateways_own_alignment(result, expected):
+    spf = [SpfResult("mailfrom", "em.acme.example", "pass")]
+    parts = format_value("gw.test", spf, [], "pass", "em.acme.example", "", result
+                         ).split(";\r\n\t")
+    assert parts[-2:] == [f"{expected} header.from=em.acme.example",
+                          "x-ecomm-alignment=pass header.from=em.acme.example"]
 
 
 def test_quote():

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.checks.auth_dkim import DkimResult
+    from gateway.checks.auth_dmarc import DmarcResult
     from gateway.checks.auth_spf import SpfResult
 
 HEADER = "Authentication-Results"
@@ -70,9 +71,29 @@ def _reason(text: str) -> str:
     return f" reason={quote(text)}" if text else ""
 
 
+ALIGNMENT_METHOD = "x-ecomm-alignment"  # the gateway's own registration-alignment decision
+
+
+def _dmarc(r: DmarcResult) -> str:
+    """``dmarc=<result> (p=<policy>) header.from=<domain>`` (RFC 7489 11.2, RFC 8601)."""
+    comment = []
+    if r.policy is not None:
+        comment.append(f"p={r.policy}")
+        if r.pct < 100:
+            comment.append(f"pct={r.pct}")
+        if r.disposition is not None and r.disposition != r.policy:
+            comment.append(f"dis={r.disposition}")
+    note = f" ({' '.join(comment)})" if comment else ""
+    reason = _reason(r.reason) if r.result in ("none", "temperror", "permerror") else ""
+    return f"dmarc={r.result}{note}{reason} header.from={quote(r.domain or 'unknown')}"
+
+
 def format_value(hostname: str, spf: Sequence[SpfResult], dkim: Sequence[DkimResult],
-                 alignment: str, author: str, alignment_note: str = "") -> str:
-    """The field value: one result per line, folded with CRLF TAB."""
+                 alignment: str, author: str, alignment_note: str = "",
+                 dmarc: DmarcResult | None = None) -> str:
+    """The field value: one result per line, folded with CRLF TAB. The gateway's own
+    alignment decision (registered domains) is reported as ``x-ecomm-alignment``: only a real
+    DMARC evaluation is reported as ``dmarc``."""
     parts = [hostname]
     for r in spf:
         prop = "smtp.mailfrom" if r.identity == "mailfrom" else "smtp.helo"
@@ -90,6 +111,8 @@ def format_value(hostname: str, spf: Sequence[SpfResult], dkim: Sequence[DkimRes
             props += f" header.b={quote(r.b)}"
         bits = f" ({r.key_bits}-bit key)" if r.key_bits and r.result == "pass" else ""
         parts.append(f"dkim={r.result}{bits}{_reason(r.reason)}{props}")
+    if dmarc is not None:
+        parts.append(_dmarc(dmarc))
     note = f" ({alignment_note})" if alignment_note else ""
-    parts.append(f"dmarc={alignment}{note} header.from={quote(author or 'unknown')}")
+    parts.append(f"{ALIGNMENT_METHOD}={alignment}{note} header.from={quote(author or 'unknown')}")
     return ";\r\n\t".join(parts)

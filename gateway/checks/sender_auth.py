@@ -12,7 +12,15 @@ in the quarantine, not relayed) or ``tag`` (relayed with a junk header). A DNS f
 leaves the outcome open defers (451 4.7.24 for SPF, 4.7.5 for DKIM keys). More than one From:
 field, or one with several addresses, is rejected. Every relayed message gets an
 Authentication-Results field (RFC 8601) for campus mail; incoming ones claiming our
-authserv-id are removed.
+authserv-id are removed. That alignment decision is reported as ``x-ecomm-alignment``.
+
+DMARC (:mod:`auth_dmarc`, RFC 7489) is evaluated for every message, its record looked up
+alongside SPF and DKIM, and reported as ``dmarc=<result> (p=<policy>) header.from=<domain>``,
+counted (``gateway_auth_results_total{check="dmarc"}``) and, when not ``pass``, logged
+(``dmarc_result``). It refuses nothing unless ``dmarc = "pass"`` (globally or in the sender's
+file): then a message that passed the checks above is still refused when DMARC does not pass
+(``550 5.7.26`` fail, ``550 5.7.1`` no record / permerror, ``451 4.7.0`` temperror; ``on_fail``
+and ``on_temperror`` apply as above).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import structlog
 
 from gateway.checks.auth_alignment import Aligner, FromError, author_domain, registered
 from gateway.checks.auth_dkim import DkimResult, DkimVerifier
+from gateway.checks.auth_dmarc import Discovery, DmarcResult, discover, evaluate
 from gateway.checks.auth_results import HEADER, format_value
 from gateway.checks.auth_spf import SpfResult, check_spf
 from gateway.checks.base import Check, Context, Deps, Stage, Verdict, defer, reject
@@ -55,6 +64,9 @@ class SenderAuthSettings(CheckSettings):
     clock_skew: int = 300
     check_helo: bool = True
     spf_time_limit: float = 20.0
+    # DMARC (RFC 7489) is always evaluated and reported; "pass" also refuses mail that does not
+    # pass it (550 5.7.26 fail, 550 5.7.1 no or malformed record, 451 4.7.0 look-up failure)
+    dmarc: Literal["record", "pass"] = "record"
 
     def validate(self, file, prefix):
         if not _HEADER_NAME.match(self.junk_header):
@@ -112,7 +124,7 @@ class SenderAuth(Check):
         if self.aligner is None:  # ~50 ms of parsing: off the loop, once
             aligner = await asyncio.to_thread(Aligner)
             self.aligner = self.aligner or aligner
-        spf_mf, spf_helo, signatures = await self._gather(ctx, s)
+        spf_mf, spf_helo, signatures, found = await self._gather(ctx, s, author)
         domains = ctx.sender.domains if ctx.sender is not None else ()
         author_ok = registered(author, domains)
         spf = self._judge_spf(spf_mf, author, author_ok, domains, s)
@@ -122,29 +134,39 @@ class SenderAuth(Check):
         self._count("spf", spf_mf.result, ctx)
         self._count("dkim", _dkim_summary(signatures), ctx)
         self._count("alignment", aligned, ctx)
+        dmarc = evaluate(found, author, spf_mf, signatures, self.aligner, ctx.raw)
+        self._count("dmarc", dmarc.result, ctx)
+        if dmarc.result != "pass":
+            log.info("dmarc_result", sender=ctx.sender.id if ctx.sender else None,
+                     domain=author, result=dmarc.result, policy=dmarc.policy,
+                     disposition=dmarc.disposition, reason=dmarc.reason or None)
         note = f"{s.alignment} alignment; From: domain not registered" if not author_ok else \
-            f"{s.alignment} alignment, registered domains; no DMARC record consulted"
+            f"{s.alignment} alignment, registered domains"
         results = format_value(hostname, [spf_mf] + ([spf_helo] if spf_helo else []),
-                               signatures, aligned, author, note)
+                               signatures, aligned, author, note, dmarc)
         ar = ((HEADER, results),)
-        return self._verdict(s, spf, dkim, ar, ctx)
+        verdict = self._verdict(s, spf, dkim, ar, ctx)
+        if s.dmarc == "pass" and verdict.action == "accept" and not verdict.reason \
+                and dmarc.result != "pass":
+            return self._dmarc_required(s, dmarc, ar, ctx)
+        return verdict
 
-    async def _gather(self, ctx: Context, s: SenderAuthSettings
-                      ) -> tuple[SpfResult, SpfResult | None, list[DkimResult]]:
+    async def _gather(self, ctx: Context, s: SenderAuthSettings, author: str
+                      ) -> tuple[SpfResult, SpfResult | None, list[DkimResult], Discovery]:
         now = self.deps.clock.now().timestamp()
         ip, receiver = str(ctx.client_ip), self.deps.config.server.hostname
         resolver = self.deps.dns
         mail_domain = ctx.mail_from.rpartition("@")[2].lower()
         mailfrom = self._memo("mailfrom", ip, mail_domain)
         helo = self._memo("helo", ip, ctx.helo.lower()) if s.check_helo else None
-        jobs = [verified(ctx, self.deps, self.dkim)]  # (already done when unsubscribe needed it)
+        jobs = [verified(ctx, self.deps, self.dkim), discover(resolver, author, self.aligner)]
         if mailfrom is None:
             jobs.append(check_spf(resolver, ip, ctx.mail_from, ctx.helo, "mailfrom", receiver,
                                   now, s.spf_time_limit))
         if s.check_helo and helo is None:
             jobs.append(check_spf(resolver, ip, ctx.mail_from, ctx.helo, "helo", receiver, now,
                                   s.spf_time_limit))
-        signatures, *spf_done = await asyncio.gather(*jobs)
+        signatures, found, *spf_done = await asyncio.gather(*jobs)
         if mailfrom is None:
             mailfrom = spf_done.pop(0)
             if mailfrom.per_domain:
@@ -153,7 +175,7 @@ class SenderAuth(Check):
             helo = spf_done.pop(0)
             if helo.result != "temperror":
                 self._remember("helo", ip, ctx.helo.lower(), helo)
-        return mailfrom, helo, signatures
+        return mailfrom, helo, signatures, found
 
     SPF_MEMO_SECONDS = 60.0
     SPF_MEMO_ENTRIES = 4096
@@ -245,7 +267,26 @@ class SenderAuth(Check):
         else:
             enhanced, reason = "5.7.20", "dkim_fail"
             text = f"No passing DKIM signature: {dkim.why}"
-        text = text[:900] + " (policy IV.B.3.c.iii)"
+        return self._refuse(s, enhanced, reason, text[:900] + " (policy IV.B.3.c.iii)", ar, ctx)
+
+    def _dmarc_required(self, s: SenderAuthSettings, r: DmarcResult,
+                        ar: tuple[tuple[str, str], ...], ctx: Context) -> Verdict:
+        """The sender must pass DMARC (``dmarc = "pass"``) and did not."""
+        where = f"From: domain {r.domain}"
+        if r.result == "temperror" and s.on_temperror == "defer":
+            return Verdict("defer", Reply(451, "4.7.0", f"DMARC could not be evaluated for "
+                                          f"{where}: {r.reason}"[:900] + "; try again later"),
+                           "dmarc_temperror", ar)
+        if r.result in ("fail", "temperror"):
+            text = f"DMARC failed for {where} (p={r.policy}): {r.reason}"
+            return self._refuse(s, "5.7.26", "dmarc_fail", text[:900] + " (RFC 7489)", ar, ctx)
+        text = f"DMARC is required for this sender and {where} has none that applies: {r.reason}"
+        return self._refuse(s, "5.7.1", f"dmarc_{r.result}", text[:900] + " (RFC 7489)", ar,
+                            ctx)
+
+    def _refuse(self, s: SenderAuthSettings, enhanced: str, reason: str, text: str,
+                ar: tuple[tuple[str, str], ...], ctx: Context) -> Verdict:
+        """``on_fail``: reject, quarantine or tag."""
         if s.on_fail == "quarantine":
             # the handler replies 250 with the queue id and keeps this text with the item
             return Verdict("quarantine", Reply(250, "2.0.0", text), reason, ar)
