@@ -13,25 +13,72 @@ import logging
 import os
 import secrets
 import sys
+import threading
 from pathlib import Path
 
 import structlog
 
 
 def configure_logging(level: str, fmt: str, stream=None) -> None:
+    """structlog for the gateway's own events, and every standard-library logger (aiosmtpd's
+    ``mail.log``, aiohttp, asyncio, warnings) through the same renderer onto the same stream:
+    with ``format = "json"`` every line is one JSON object. A %-formatted stdlib message is
+    rendered first and becomes the ``event`` field, so client bytes in it are JSON-escaped."""
+    out = stream or sys.stdout
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
+    threshold = logging.getLevelName(level.upper())
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
+            structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    handler = _StdlibHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           stamp],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    # aiosmtpd logs every command line and recipient in clear at info and debug: the decision
+    # log says what matters, with recipients hashed; its warnings and errors still come through
+    logging.getLogger("mail.log").setLevel(max(threshold, logging.WARNING))
+    logging.captureWarnings(True)
+    if stream is None:  # the serving process: an uncaught exception is a log line, too
+        logging.raiseExceptions = False
+        sys.excepthook = _log_uncaught
+        threading.excepthook = lambda a: _log_uncaught(a.exc_type, a.exc_value, a.exc_traceback)
+
+
+def _log_uncaught(exc_type, value, tb) -> None:
+    logging.getLogger("gateway").critical("uncaught_exception", exc_info=(exc_type, value, tb))
+
+
+class _StdlibHandler(logging.Handler):
+    """Writes formatted stdlib records through a structlog PrintLogger, so that they share
+    its per-stream lock and never interleave with structlog's own lines."""
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self._out = structlog.PrintLogger(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._out.msg(self.format(record))
+        except Exception:  # never a traceback on stderr from logging itself
+            pass
 
 
 def _secret_file(path: Path, make) -> bytes:

@@ -1,0 +1,115 @@
+"""Issue #10 item 8: with ``[logging] format = "json"`` every line the gateway process writes is
+one JSON object, aiosmtpd's own log (``mail.log``) and every other standard-library logger
+included, and client bytes (CR, ESC, NUL) in them are escaped, never written raw."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
+from tests.raw_smtp import RawSMTP
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def served_debug(tmp_path):
+    """``gateway serve`` as a process, logging JSON at debug level (the most it ever writes)."""
+    (tmp_path / "senders").mkdir()
+    (tmp_path / "senders" / "acme.toml").write_text(EXAMPLE_SENDER)
+    smtp, admin = free_port(), free_port()
+    (tmp_path / "gateway.toml").write_text(f"""
+[server]
+listen = ["127.0.0.1:{smtp}"]
+hostname = "gw.test"
+[admin]
+listen = "127.0.0.1:{admin}"
+[senders]
+dir = "senders"
+[logging]
+level = "debug"
+format = "json"
+[checks.sender_auth]
+mode = "off"
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
+                             str(tmp_path / "gateway.toml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"gateway did not start: {proc.communicate()[1]!r}")
+            time.sleep(0.1)
+    yield smtp, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+HOSTILE = b"\r\x1b[2J\x1b]0;pwned\x07\x00\x7f"
+
+
+def test_every_line_the_process_writes_is_json_with_client_bytes_escaped(served_debug):
+    port, proc = served_debug
+    with RawSMTP(port) as c:
+        assert c.cmd(b"EHLO client" + HOSTILE).startswith(b"250-gw.test")
+        # aiosmtpd logs an unknown command at warning level with the command in it
+        assert c.cmd(b"X" + HOSTILE).startswith(b"500 5.5.2 Error: command ")
+        assert c.cmd(b"MAIL FROM:<bounce-1@em.acme.example" + HOSTILE + b">").startswith(b"553")
+        assert c.cmd(b"MAIL FROM:<bounce-1@em.acme.example>") == b"250 2.1.0 Sender OK\r\n"
+        assert c.cmd(b"RCPT TO:<x" + HOSTILE + b"@example.edu>").startswith(b"550 5.7.1")
+        assert c.cmd(b"RCPT TO:<alice@example.edu>") == b"250 2.1.5 OK\r\n"
+        assert c.cmd(b"DATA").startswith(b"354")
+        # the decision line carries the Message-ID, here with an escape sequence in it
+        c.send(MESSAGE.replace(b"<m1@", b"<m1\x1b[2J\x1b]0;pwned\x07@") + b".\r\n")
+        assert c.reply().startswith(b"250 2.0.0 Ok: delivered as ")
+        assert c.cmd(b"QUIT") == b"221 2.0.0 Bye\r\n"
+    proc.terminate()
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    lines = (out + err).split(b"\n")
+    assert lines.pop() == b""  # every line ends with LF, nothing after the last one
+    for raw in lines:
+        # no control character is written raw (JSON writes them as \u001b, \r ...)
+        assert all(b >= 0x20 for b in raw), raw
+        assert isinstance(json.loads(raw), dict), raw
+    events = [json.loads(raw) for raw in lines]
+    unknown = [e for e in events if e.get("logger") == "mail.log"
+               and "unrecognised" in e["event"]]
+    assert len(unknown) == 1 and unknown[0]["level"] == "warning"
+    assert "\x1b" in unknown[0]["event"] or "\\x1b" in unknown[0]["event"]
+    [decision] = [e for e in events if e["event"] == "message" and e["decision"] == "accept"]
+    assert decision["message_id"] == "<m1\x1b[2J\x1b]0;pwned\x07@em.acme.example>"
+    # aiosmtpd's info/debug lines (each command line, recipients in clear) are not written
+    assert not any(b"alice@example.edu" in raw for raw in lines)
+
+
+def test_stdlib_loggers_render_as_json_fields_in_process(logs):
+    """Any library's %-formatted message, with its exception, is one JSON line."""
+    logging.getLogger("aiohttp.server").error("bad request %r from %s", b"\r\nX\x1b", "::1")
+    try:
+        raise ValueError("boom\r\ninjected")
+    except ValueError:
+        logging.getLogger("asyncio").exception("task failed: %s", "x\x1b[31m")
+    text = logs.text()
+    assert all(line.isprintable() for line in text.splitlines())
+    first, second = logs.lines()[-2:]
+    assert first == {"event": "bad request b'\\r\\nX\\x1b' from ::1", "level": "error",
+                     "logger": "aiohttp.server", "timestamp": first["timestamp"]}
+    assert second["event"] == "task failed: x\x1b[31m" and second["logger"] == "asyncio"
+    assert second["exception"].startswith("Traceback") and "boom" in second["exception"]
