@@ -81,7 +81,7 @@ class Gateway:
                              clock=self.clock, maillog=self.maillog, metrics=self.metrics)
         self.handler = Handler(engine=self.engine, config=cfg, registry=self.registry,
                                upstream=self.upstream, maillog=self.maillog,
-                               metrics=self.metrics, adaptive=self.adaptive)
+                               metrics=self.metrics, adaptive=self.adaptive, store=self.store)
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None

@@ -147,6 +147,14 @@ class LimitsConfig:
     max_hold: float = 10.0
     sessions_per_sender: int = 20
     sessions_per_ip: int = 50
+    sessions_total: int = 500
+    connection_rate: str = "120/minute"
+    auth_failures_per_session: int = 3
+    auth_lockout: int = 10
+    auth_window: float = 900.0
+    auth_delay: float = 1.0
+    auth_max_delay: float = 8.0
+    auth_concurrency: int = 2
     throttle_refresh: float = 1.0
     adaptive: bool = False
     adaptive_floor: str = "30/minute"
@@ -157,16 +165,25 @@ class LimitsConfig:
 
     def validate(self, file, prefix):
         _check_rate(file, f"{prefix}.sender_rate", self.sender_rate)
-        for key in ("global_rate", "recipient_rate"):
+        for key in ("global_rate", "recipient_rate", "connection_rate"):
             if getattr(self, key):
                 _check_rate(file, f"{prefix}.{key}", getattr(self, key))
         _check_rate(file, f"{prefix}.adaptive_floor", self.adaptive_floor)
         if not 0 <= self.max_hold <= 300:
             raise ConfigError(file, f"{prefix}.max_hold", "must be between 0 and 300 seconds "
                               "(well inside the RFC 5321 10-minute DATA timeout)")
-        for key in ("sessions_per_sender", "sessions_per_ip"):
+        for key in ("sessions_per_sender", "sessions_per_ip", "sessions_total",
+                    "auth_lockout", "auth_concurrency"):
             if getattr(self, key) < 1:
                 raise ConfigError(file, f"{prefix}.{key}", "must be at least 1")
+        if not 1 <= self.auth_failures_per_session <= 5:
+            raise ConfigError(file, f"{prefix}.auth_failures_per_session",
+                              "must be between 1 and 5")
+        if self.auth_window <= 0:
+            raise ConfigError(file, f"{prefix}.auth_window", "must be positive")
+        if not 0 <= self.auth_delay <= self.auth_max_delay <= 60:
+            raise ConfigError(file, f"{prefix}.auth_max_delay", "need 0 <= auth_delay <= "
+                              "auth_max_delay <= 60 seconds")
         if self.adaptive and not self.global_rate:
             raise ConfigError(file, f"{prefix}.adaptive", "needs global_rate (the rate to adapt)")
         if not 0 < self.adaptive_decrease < 1:

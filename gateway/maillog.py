@@ -124,8 +124,14 @@ class MailLog:
     def connected(self, session_id: str, client_ip: str) -> None:
         self.log.debug("connect", session=session_id, client_ip=client_ip)
 
-    def auth_failed(self, session_id: str, client_ip: str, username: str) -> None:
-        self.log.info("auth_failed", session=session_id, client_ip=client_ip, username=username)
+    def auth_failed(self, session_id: str | None, client_ip: str, username: str,
+                    **details) -> None:
+        """A failed SMTP AUTH (never the password), with the throttle's counts and action."""
+        self.log.info("auth_failed", session=session_id, client_ip=client_ip, username=username,
+                      **details)
+
+    def auth_lockout(self, client_ip: str, failures: int, window: float) -> None:
+        self.log.warning("auth_lockout", client_ip=client_ip, failures=failures, window=window)
 
     def rcpt_refused(self, session_id: str, client_ip: str, sender: str | None, rcpt: str,
                      reply: str, reason: str) -> None:

@@ -70,8 +70,16 @@ class Metrics:
             "gateway_state_fallbacks", "Rate decisions made with per-process limits because the "
             "state store was unreachable ([state] on_error = \"local\")", registry=registry)
         self.sessions_refused = Counter(
-            "gateway_sessions_refused", "Sessions refused (421 4.7.0) over a concurrency cap",
-            ["cap"], registry=registry)
+            "gateway_sessions_refused", "Sessions refused (421 4.7.0) over a cap: ip, sender, "
+            "total (sessions_total) or rate (connection_rate)", ["cap"], registry=registry)
+        self.auth_failures = Counter(
+            "gateway_auth_failures", "Failed SMTP AUTH attempts by reason: invalid (wrong "
+            "credentials), locked_out (the IP was locked out; not verified)", ["reason"],
+            registry=registry)
+        self.auth_throttled = Counter(
+            "gateway_auth_throttled", "AUTH throttling actions: delay (reply held back), "
+            "lockout (an IP reached auth_lockout), disconnect (421 after "
+            "auth_failures_per_session)", ["action"], registry=registry)
 
         # large audiences in business hours (policy IV.B.3.c.iv; labels: registered sender ids)
         self.large_audience_campaigns = Counter(

@@ -26,9 +26,12 @@ from gateway.engine import Client, Engine, Transaction
 from gateway.passwords import hash_password, verify_password
 from gateway.relay.base import Transaction as UpstreamTransaction
 from gateway.relay.base import Upstream, UpstreamError
+from gateway.smtp.auth_throttle import AuthThrottle
+from gateway.smtp.guard import ConnectionGuard
 from gateway.smtp.recipients import DUPLICATE, path_key
 from gateway.smtp.replies import Reply
 from gateway.smtp.server import NULL_PATH
+from gateway.state.memory import MemoryStore
 
 if TYPE_CHECKING:
     from gateway.adaptive import AdaptiveRate
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from gateway.maillog import MailLog
     from gateway.metrics import Metrics
     from gateway.senders import Registry
+    from gateway.state import Store
 
 log = structlog.get_logger("gateway.smtp")
 _DUMMY_HASH = hash_password("not-a-password", ln=10)
@@ -53,7 +57,7 @@ class Relayed:
 class Handler:
     def __init__(self, *, engine: Engine, config: Config, registry: Registry,
                  upstream: Upstream, maillog: MailLog, metrics: Metrics,
-                 adaptive: AdaptiveRate | None = None) -> None:
+                 adaptive: AdaptiveRate | None = None, store: Store | None = None) -> None:
         self.engine = engine
         self.config = config
         self.registry = registry
@@ -67,6 +71,11 @@ class Handler:
         self._tasks: set[asyncio.Task] = set()
         self._auth_cache: OrderedDict[bytes, str] = OrderedDict()
         self._auth_cache_key = secrets.token_bytes(32)
+        self.guard = ConnectionGuard(config.limits, metrics)
+        # (not "auth_...": aiosmtpd takes handler attributes named auth_* as AUTH mechanisms)
+        self.login_throttle = AuthThrottle(limits=config.limits,
+                                           store=store or MemoryStore(engine.clock),
+                                           clock=engine.clock, metrics=metrics, maillog=maillog)
 
     # --- session lifetime (called by GatewaySMTP) -----------------------------------------
 
@@ -79,6 +88,9 @@ class Handler:
         self.metrics.connections.inc()
         self.maillog.connected(session.gateway_id, ip)
         self._per_ip[ip] += 1
+        refused = self.guard.opened(ip)  # the gateway-wide cap, before anything else
+        if refused is not None:
+            return refused
         if self._per_ip[ip] > self.limits.sessions_per_ip:
             self.metrics.sessions_refused.labels("ip").inc()
             return Reply(421, "4.7.0", f"Too many sessions from [{ip}] "
@@ -87,6 +99,7 @@ class Handler:
 
     def session_closed(self, session) -> None:
         self.metrics.sessions.dec()
+        self.guard.closed()
         ip = self._ip_text(session)
         self._per_ip[ip] -= 1
         if self._per_ip[ip] <= 0:
@@ -135,8 +148,9 @@ class Handler:
 
     # --- AUTH -----------------------------------------------------------------------------
 
-    async def verify_credentials(self, session, creds: LoginPassword) -> str | None:
-        """The sender username when the password is right; verified in a worker thread."""
+    async def verify_credentials(self, session, creds: LoginPassword) -> str | Reply:
+        """The sender username when the password is right, else the reply to the failure;
+        throttled by gateway.smtp.auth_throttle, verified in a worker thread."""
         try:
             username = creds.login.decode()
         except UnicodeDecodeError:
@@ -145,17 +159,26 @@ class Handler:
         encoded = sender.auth.password_hash if sender and sender.auth else _DUMMY_HASH
         token = hmac.new(self._auth_cache_key, creds.login + b"\0" + creds.password + b"\0"
                          + encoded.encode(), hashlib.sha256).digest()
-        if sender is not None and self._auth_cache.get(token) == username:
-            self._auth_cache.move_to_end(token)
-            return username
-        ok = await asyncio.to_thread(verify_password, creds.password, encoded)
-        if ok and sender is not None:
-            self._auth_cache[token] = username
-            if len(self._auth_cache) > 1024:
-                self._auth_cache.popitem(last=False)
-            return username
-        self.maillog.auth_failed(session.gateway_id, self._ip_text(session), username)
-        return None
+
+        async def verify() -> bool:
+            if sender is not None and self._auth_cache.get(token) == username:
+                self._auth_cache.move_to_end(token)
+                return True
+            ok = await asyncio.to_thread(verify_password, creds.password, encoded)
+            if ok and sender is not None:
+                self._auth_cache[token] = username
+                if len(self._auth_cache) > 1024:
+                    self._auth_cache.popitem(last=False)
+                return True
+            return False
+
+        verdict = await self.login_throttle.attempt(session, self._ip_text(session), creds.login,
+                                                    verify)
+        return username if verdict.ok else verdict.reply
+
+    async def session_admitted(self, session) -> Reply | None:
+        """Before the greeting: the per-IP connection rate (gateway.smtp.guard)."""
+        return await self.guard.admit(self._ip_text(session))
 
     # --- SMTP hooks -----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 
 from gateway.smtp.address import split_path
-from gateway.smtp.replies import add_enhanced, escape_reply
+from gateway.smtp.replies import Reply, add_enhanced, escape_reply
 
 NULL_PATH = "<>"
 DATA_WINDOW = 256 * 1024  # bytes scanned (and buffered) per read while receiving DATA
@@ -74,6 +74,8 @@ class GatewaySMTP(SMTP):
     _refusal = None
 
     async def _handle_client(self) -> None:
+        if self._refusal is None:  # the per-IP connection rate: still before any TLS or AUTH
+            self._refusal = await self.event_handler.session_admitted(self.session)
         if self._refusal is not None:  # over a session cap: say so instead of the greeting
             await self.push(str(self._refusal))
             return
@@ -182,10 +184,10 @@ class GatewaySMTP(SMTP):
         creds = result.auth_data
         if result.success or not isinstance(creds, LoginPassword):
             return result
-        username = await self.event_handler.verify_credentials(self.session, creds)
-        if username is None:
-            return AuthResult(success=False, handled=False)
-        return AuthResult(success=True, auth_data=username)
+        outcome = await self.event_handler.verify_credentials(self.session, creds)
+        if isinstance(outcome, Reply):  # 535, 454 when locked out, 421 (and close) at the last
+            return AuthResult(success=False, handled=False, message=str(outcome))
+        return AuthResult(success=True, auth_data=outcome)
 
     async def auth_PLAIN(self, _, args) -> AuthResult:
         return await self._verified(await super().auth_PLAIN(_, args))
