@@ -148,7 +148,7 @@ class LimitsConfig:
     sessions_per_sender: int = 20
     sessions_per_ip: int = 50
     sessions_total: int = 500
-    connection_rate: str = "120/minute"
+    connection_rate: str = "600/minute"
     auth_failures_per_session: int = 3
     auth_lockout: int = 10
     auth_window: float = 900.0
