@@ -23,6 +23,7 @@ from gateway.engine import Engine
 from gateway.flags import open_flags
 from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
+from gateway.milter.server import MilterServer
 from gateway.quarantine import Quarantine
 from gateway.rates import Rate
 from gateway.throttles import Throttles
@@ -56,7 +57,8 @@ class Gateway:
         cfg = self.config
         self.metrics = Metrics(self.metrics_registry)
         self.store = open_store(cfg.state.url, self.clock, cfg.base_dir)
-        self.upstream = open_upstream(cfg, self.clock)
+        # the SMTP front relays to campus mail; behind an MTA (milter only) the MTA delivers
+        self.upstream = open_upstream(cfg, self.clock) if cfg.server.listen else None
         hash_key = load_hash_key(cfg.path(cfg.logging.hash_key_file))
         self.maillog = MailLog(hash_key, clear_recipients=cfg.logging.recipients == "clear",
                                level=cfg.logging.level)
@@ -81,7 +83,10 @@ class Gateway:
                              clock=self.clock, maillog=self.maillog, metrics=self.metrics)
         self.handler = Handler(engine=self.engine, config=cfg, registry=self.registry,
                                upstream=self.upstream, maillog=self.maillog,
-                               metrics=self.metrics, adaptive=self.adaptive, store=self.store)
+                               metrics=self.metrics, adaptive=self.adaptive, store=self.store) \
+            if self.upstream is not None else None
+        self.milter = MilterServer(config=cfg, engine=self.engine, maillog=self.maillog,
+                                   metrics=self.metrics) if cfg.milter.listen else None
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None
@@ -127,6 +132,8 @@ class Gateway:
                                               host=None if host == "*" else host, port=port)
             self.servers.append(server)
             self.smtp_addresses += [sock.getsockname()[:2] for sock in server.sockets]
+        if self.milter is not None:
+            await self.milter.start()
         self.admin_runner = web.AppRunner(admin_app(self), access_log=None)
         await self.admin_runner.setup()
         host, port = parse_hostport(self.config.admin.listen)
@@ -134,14 +141,18 @@ class Gateway:
         await site.start()
         self.admin_address = site._server.sockets[0].getsockname()[:2]
         log.info("started", smtp=[f"{h}:{p}" for h, p in self.smtp_addresses],
+                 milter=self.milter.addresses if self.milter is not None else [],
                  admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
-                 upstream=self.upstream.description, state=self.config.state.url,
+                 upstream=self.upstream.description if self.upstream is not None else None,
+                 state=self.config.state.url,
                  senders=len(self.registry))
 
     async def readiness_problems(self) -> list[str]:
         problems = []
-        if not self.servers:
+        if self.config.server.listen and not self.servers:
             problems.append("smtp not listening")
+        if self.milter is not None and not self.milter.servers:
+            problems.append("milter not listening")
         try:
             await asyncio.wait_for(self.store.ping(), 2)
         except Exception as exc:  # any failure means not ready; say which
@@ -172,11 +183,15 @@ class Gateway:
         tasks = [t for p in self.sessions if (t := p._handler_coroutine) and not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=2)
-        await self.handler.drain()
+        if self.milter is not None:
+            await self.milter.stop(grace)
+        if self.handler is not None:
+            await self.handler.drain()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         await self.unsubscribe.close()
-        await self.upstream.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         await self.dns.close()
         await self.store.close()
         log.info("stopped")

@@ -53,8 +53,7 @@ class ServerConfig:
     timeout: float = 300.0
 
     def validate(self, file, prefix):
-        if not self.listen:
-            raise ConfigError(file, f"{prefix}.listen", "needs at least one host:port")
+        # (empty: no SMTP front; then [milter] listen must name one: see load_config)
         for i, item in enumerate(self.listen):
             _check_listen(file, f"{prefix}.listen[{i}]", item)
         if self.max_message_size < 1024:
@@ -67,6 +66,39 @@ class ServerConfig:
             raise ConfigError(file, f"{prefix}.require_tls", "needs tls_cert and tls_key")
         if self.timeout <= 0:
             raise ConfigError(file, f"{prefix}.timeout", "must be positive")
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    # "inet:host:port" (IPv6 as inet:[addr]:port) or "unix:/path"; empty: no milter front
+    listen: tuple[str, ...] = ()
+    socket_mode: str = "0660"  # permissions of a unix: socket (octal), for Postfix's group
+    # seconds to wait for the MTA's next packet before closing the connection; above Postfix's
+    # smtpd_timeout (300 s), since the MTA waits on its own client between packets
+    timeout: float = 600.0
+    max_connections: int = 1000  # MTA connections open at once (one per Postfix smtpd session)
+
+    def validate(self, file, prefix):
+        for i, item in enumerate(self.listen):
+            key = f"{prefix}.listen[{i}]"
+            if item.startswith("unix:"):
+                if not item[5:].startswith("/"):
+                    raise ConfigError(file, key, f"{item!r}: expected unix:/absolute/path")
+            elif item.startswith("inet:"):
+                _check_listen(file, key, item[5:])
+            else:
+                raise ConfigError(file, key, f"{item!r}: expected inet:host:port or unix:/path")
+        try:
+            mode = int(self.socket_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
+            raise ConfigError(file, f"{prefix}.socket_mode", f"{self.socket_mode!r}: expected "
+                              "an octal mode such as \"0660\"")
+        if self.timeout <= 0:
+            raise ConfigError(file, f"{prefix}.timeout", "must be positive")
+        if self.max_connections < 1:
+            raise ConfigError(file, f"{prefix}.max_connections", "must be at least 1")
 
 
 UPSTREAM_SCHEMES = ("smtp", "smtps")
@@ -384,6 +416,7 @@ class CheckSettings:
 class Config:
     file: Path
     server: ServerConfig = ServerConfig()
+    milter: MilterConfig = MilterConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     state: StateConfig = StateConfig()
     university: UniversityConfig = UniversityConfig()
@@ -470,4 +503,8 @@ def load_config(path: str | Path) -> Config:
         else:
             raise ConfigError(path, key, "unknown section (known sections: "
                               + ", ".join(sorted([*SECTIONS, "checks"])) + ")")
-    return Config(file=path, **values)
+    config = Config(file=path, **values)
+    if not config.server.listen and not config.milter.listen:
+        raise ConfigError(path, "server.listen", "needs at least one host:port (or [milter] "
+                          "listen for a milter-only gateway)")
+    return config

@@ -1,0 +1,250 @@
+"""The milter front behind a real Postfix (issue #11): swaks talks SMTP to a private Postfix
+whose smtpd asks a live gateway over the milter protocol; Postfix relays what it accepts to a
+sink. Each case asserts the reply swaks gets (Postfix passes the gateway's code, enhanced code
+and text), what the sink received, and Postfix's queue (the hold queue for quarantine)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MESSAGE, Sink, free_port
+from tests.postfix_server import PostfixServer, postfix_installed
+
+pytestmark = [
+    pytest.mark.skipif(not postfix_installed(), reason="postfix is not installed "
+                       "(.ci/run installs it)"),
+    pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed "
+                       "(.ci/run installs it)"),
+]
+
+FROM = "bounce-1@em.acme.example"
+
+
+@pytest.fixture(scope="module")
+def relay_sink():
+    sink = Sink()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="module")
+def milter_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def postfix(relay_sink, milter_port):
+    # not under pytest's tmp_path: Postfix's own user must reach its data directory, and
+    # pytest's base directory is private to root
+    workdir = Path(tempfile.mkdtemp(prefix="gw-postfix-"))
+    workdir.chmod(0o755)
+    server = PostfixServer(workdir, free_port(), relay_sink.port, f"inet:127.0.0.1:{milter_port}")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def mta(postfix, relay_sink):
+    """The module's Postfix with an empty queue and a fresh sink record."""
+    postfix.delete_all()
+    relay_sink.handler.__init__()
+    return postfix
+
+
+def milter_toml(port: int, extra: str = "") -> str:
+    return (f'[server]\nlisten = []\nhostname = "gw.test"\n'
+            f'[milter]\nlisten = ["inet:127.0.0.1:{port}"]\n' + extra)
+
+
+@pytest.fixture
+def start(gateways, milter_port, mta):
+    def run(extra: str = "", senders: dict[str, str] | None = None):
+        return gateways.start(milter_toml(milter_port, extra), senders=senders)
+    return run
+
+
+def swaks(mta, tmp_path, *, to=("alice@example.edu",), frm=FROM, data: bytes = MESSAGE,
+          server: str = "127.0.0.1") -> dict[str, str]:
+    """Send one message through Postfix; the server's reply to each command, by command
+    (``"."`` for the end of the data; ``"RCPT <addr>"`` per recipient)."""
+    path = tmp_path / f"msg-{time.monotonic_ns()}.eml"
+    path.write_bytes(data)
+    out = subprocess.run(["swaks", "--server", server, "--port", str(mta.smtp_port),
+                          "--helo", "client.test", "--from", frm, "--to", ",".join(to),
+                          "--data", str(path), "--timeout", "60"],
+                         capture_output=True, text=True, timeout=120).stdout
+    replies: dict[str, str] = {}
+    command = "greeting"
+    for line in out.splitlines():
+        if line.startswith(" -> "):
+            text = line[4:]
+            if text.startswith(("MAIL", "RCPT", "DATA", "QUIT", "EHLO")) or text == ".":
+                command = ("RCPT " + text.split(":", 1)[1].strip() if text.startswith("RCPT")
+                           else text.split(" ", 1)[0])
+        elif line[:4] in ("<-  ", "<** "):
+            replies[command] = replies.get(command, "") + line[4:]
+    return replies
+
+
+def wait_for(condition, timeout: float = 20.0):
+    """Wait until ``condition()`` holds (Postfix delivers asynchronously after its 250)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def delivered(sink, count: int = 1):
+    wait_for(lambda: len(sink.messages) >= count)
+    return sink.messages
+
+
+def header(content: bytes, name: str) -> list[str]:
+    head = content.partition(b"\r\n\r\n")[0].decode()
+    unfolded = re.sub(r"\r\n[ \t]", " ", head)
+    return [line.split(":", 1)[1].strip() for line in unfolded.split("\r\n")
+            if line.lower().startswith(name.lower() + ":")]
+
+
+# --- identification, return-path, relay control --------------------------------------------
+
+def test_registered_ip_is_relayed_and_logged_once(start, mta, relay_sink, tmp_path, logs):
+    gw = start()
+    replies = swaks(mta, tmp_path)
+    assert replies["."].startswith("250 2.0.0 Ok: queued as ")
+    [msg] = delivered(relay_sink)
+    assert (msg.mail_from, msg.rcpt_tos) == (FROM, ["alice@example.edu"])
+    assert msg.content.startswith(b"Received: from client.test (")  # Postfix's own
+    head, body = MESSAGE.split(b"\r\n\r\n")
+    assert head in msg.content and msg.content.rstrip().endswith(body.rstrip())
+    [line] = logs.events("message")
+    assert (line["decision"], line["reason"], line["sender"]) == ("accept", "relayed", "acme")
+    assert gw.metric("gateway_messages_total", sender="acme", decision="accept",
+                     reason="relayed") == 1
+
+
+def test_ipv6_client_is_identified(start, mta, relay_sink, tmp_path):
+    start(senders={"acme": EXAMPLE_V6_ONLY})
+    # (swaks needs IO::Socket::INET6 for IPv6, which Debian's swaks does not pull in: smtplib)
+    with smtplib.SMTP("::1", mta.smtp_port, timeout=60) as client:
+        client.ehlo("client.test")
+        assert client.mail(FROM)[0] == 250
+        assert client.rcpt("alice@example.edu")[0] == 250
+        code, text = client.data(MESSAGE)
+    assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ")
+    [msg] = delivered(relay_sink)
+    assert msg.content.startswith(b"Received: from client.test (unknown [IPv6:::1])")
+    replies = swaks(mta, tmp_path, server="127.0.0.1")
+    assert replies["MAIL"] == ("550 5.7.1 Client host [127.0.0.1] is not a registered sender; "
+                               "relaying denied")
+
+
+EXAMPLE_V6_ONLY = """
+id = "acme"
+organization = "Acme Marketing Cloud"
+contact = "postmaster@acme.example"
+networks = ["::1/128"]
+domains = ["em.acme.example"]
+return_path = ["bounce-*@em.acme.example"]
+expires = 2027-06-30
+"""
+
+
+def test_return_path_mismatch_is_refused_at_mail(start, mta, relay_sink, tmp_path):
+    start()
+    replies = swaks(mta, tmp_path, frm="news@em.acme.example")
+    assert replies["MAIL"].startswith("550 5.7.1 ")
+    assert "bounce-*@em.acme.example" in replies["MAIL"]
+    assert mta.queue() == [] and relay_sink.messages == []
+
+
+def test_relay_denied_per_recipient(start, mta, relay_sink, tmp_path, logs):
+    start()
+    replies = swaks(mta, tmp_path, to=("alice@example.edu", "bob@elsewhere.test"))
+    assert replies["RCPT <bob@elsewhere.test>"] == (
+        "550 5.7.1 Relaying denied: elsewhere.test is not a university domain")
+    assert replies["RCPT <alice@example.edu>"].startswith("250 2.1.5")
+    assert replies["."].startswith("250 2.0.0")
+    [msg] = delivered(relay_sink)
+    assert msg.rcpt_tos == ["alice@example.edu"]
+    assert [e["reason"] for e in logs.events("rcpt_refused")] == ["relay_denied"]
+
+
+# --- content --------------------------------------------------------------------------------
+
+ATTACHMENT = (b"From: Acme News <news@em.acme.example>\r\nTo: alice@example.edu\r\n"
+              b"List-Unsubscribe: <https://em.acme.example/u/1>\r\n"
+              b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+              b"Subject: with a file\r\nMessage-ID: <a1@em.acme.example>\r\nMIME-Version: 1.0\r\n"
+              b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+              b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+              b"--b\r\nContent-Type: application/pdf\r\n"
+              b'Content-Disposition: attachment; filename="a.pdf"\r\n'
+              b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b--\r\n")
+
+
+def test_attachment_is_refused_at_end_of_data(start, mta, relay_sink, tmp_path):
+    start()
+    replies = swaks(mta, tmp_path, data=ATTACHMENT)
+    assert replies["."].startswith("550 5.7.1 ") and "a.pdf" in replies["."]
+    assert mta.queue() == [] and relay_sink.messages == []
+
+
+def test_missing_unsubscribe_is_refused(start, mta, relay_sink, tmp_path):
+    start()
+    raw = re.sub(rb"List-Unsubscribe[^\r]*\r\n", b"", MESSAGE)
+    replies = swaks(mta, tmp_path, data=raw)
+    assert replies["."].startswith("550 5.7.1 ") and "nsubscribe" in replies["."]
+    assert mta.queue() == [] and relay_sink.messages == []
+
+
+def test_forged_authentication_results_are_removed(start, mta, relay_sink, tmp_path):
+    start()
+    raw = MESSAGE.replace(b"Subject: Hello\r\n", b"Authentication-Results: gw.test; spf=pass "
+                          b"smtp.mailfrom=evil.example\r\nSubject: Hello\r\n"
+                          b"Authentication-Results: other.test; spf=pass\r\n"
+                          b"Authentication-Results: (c) GW.TEST;\r\n\tdkim=pass\r\n")
+    assert swaks(mta, tmp_path, data=raw)["."].startswith("250 2.0.0")
+    [msg] = delivered(relay_sink)
+    assert header(msg.content, "Authentication-Results") == ["other.test; spf=pass"]
+    assert b"evil.example" not in msg.content
+
+
+def test_too_big_with_small_limit(gateways, milter_port, mta, relay_sink, tmp_path):
+    gateways.start(f'[server]\nlisten = []\nhostname = "gw.test"\nmax_message_size = 2048\n'
+                   f'[milter]\nlisten = ["inet:127.0.0.1:{milter_port}"]\n')
+    big = MESSAGE + (b"y" * 76 + b"\r\n") * 40
+    replies = swaks(mta, tmp_path, data=big)
+    assert replies["."] == "552 5.3.4 Error: Too much mail data"
+    assert mta.queue() == [] and relay_sink.messages == []
+
+
+# --- rate, quarantine, gateway down ---------------------------------------------------------
+
+def test_rate_deferral_451(start, mta, relay_sink, tmp_path):
+    start('[limits]\nsender_rate = "1/hour"\nmax_hold = 0\n')
+    assert swaks(mta, tmp_path)["."].startswith("250 2.0.0")
+    replies = swaks(mta, tmp_path)
+    assert replies["."].startswith("451 4.7.1 Sending rate of sender acme is limited to ")
+    delivered(relay_sink)
+    assert len(relay_sink.messages) == 1
+
+
+def test_gateway_down_postfix_tempfails(mta, relay_sink, tmp_path):
+    replies = swaks(mta, tmp_path)  # nothing listens on the milter port
+    assert replies["MAIL"] == "451 4.7.1 Service unavailable - try again later"
+    assert mta.queue() == [] and relay_sink.messages == []
+
