@@ -248,3 +248,99 @@ def test_gateway_down_postfix_tempfails(mta, relay_sink, tmp_path):
     assert replies["MAIL"] == "451 4.7.1 Service unavailable - try again later"
     assert mta.queue() == [] and relay_sink.messages == []
 
+
+
+# --- sender authentication (a real DNS server): refusal, tag, quarantine ---------------------
+
+@pytest.fixture(scope="module")
+def knot(tmp_path_factory):
+    from tests.auth_helpers import auth_zones
+    from tests.dns_server import KNOTD, SKIP_REASON, KnotServer
+
+    if KNOTD is None:
+        pytest.skip(SKIP_REASON)
+    server = KnotServer(tmp_path_factory.mktemp("knot"), auth_zones())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_auth(start, knot):
+    from tests.auth_helpers import SENDER
+
+    def run(**settings):
+        lines = ["[dns]", f'nameservers = ["{knot.address}"]', "timeout = 2.0", "",
+                 "[checks.sender_auth]", 'mode = "enforce"', "check_helo = false"]
+        lines += [f'{key} = "{value}"' for key, value in settings.items()]
+        return start("\n".join(lines) + "\n", senders={"acme": SENDER})
+    return run
+
+
+def test_spf_and_dkim_failure_is_refused_5726(start_auth, mta, relay_sink, tmp_path):
+    from tests.auth_helpers import message
+
+    start_auth()
+    replies = swaks(mta, tmp_path, frm="bounce-1@fail.acme.example",
+                    data=message(from_="news@fail.acme.example"))
+    assert replies["."].startswith("550 5.7.26 SPF and DKIM authentication both failed")
+    assert mta.queue() == [] and relay_sink.messages == []
+
+
+def test_passing_message_gets_authentication_results_at_the_top(start_auth, mta, relay_sink,
+                                                                 tmp_path):
+    from tests.auth_helpers import message, sign
+
+    start_auth()
+    raw = sign(message(), "rsa2048", "acme.example")
+    assert swaks(mta, tmp_path, frm="bounce-1@pass.acme.example",
+                 data=raw)["."].startswith("250 2.0.0")
+    [msg] = delivered(relay_sink)
+    fields = re.sub(rb"\r\n[ \t]+", b" ", msg.content.partition(b"\r\n\r\n")[0]).split(b"\r\n")
+    names = [f.split(b":", 1)[0] for f in fields]
+    # Postfix's Received, then the gateway's field, then the message as sent (signed)
+    assert names[:3] == [b"Received", b"Authentication-Results", b"DKIM-Signature"]
+    assert fields[1].startswith(b"Authentication-Results: gw.test; spf=pass "
+                                b"smtp.mailfrom=pass.acme.example; dkim=pass (2048-bit key)")
+
+
+def test_tag_adds_the_junk_header(start_auth, mta, relay_sink, tmp_path):
+    from tests.auth_helpers import message
+
+    start_auth(on_fail="tag", junk_header="X-Campus-Junk", junk_value="auth-failed")
+    assert swaks(mta, tmp_path, frm="bounce-1@fail.acme.example",
+                 data=message(from_="news@fail.acme.example"))["."].startswith("250 2.0.0")
+    [msg] = delivered(relay_sink)
+    assert header(msg.content, "X-Campus-Junk") == ["auth-failed"]
+    assert header(msg.content, "Authentication-Results")[0].startswith("gw.test; spf=fail")
+
+
+def test_quarantine_holds_in_postfix_and_release_delivers(start_auth, mta, relay_sink,
+                                                          tmp_path, logs):
+    from tests.auth_helpers import message
+
+    gw = start_auth(on_fail="quarantine")
+    raw = message(from_="news@fail.acme.example", subject="Hold me")
+    replies = swaks(mta, tmp_path, frm="bounce-7@fail.acme.example",
+                    to=("alice@example.edu", "bob@example.edu"), data=raw)
+    assert replies["."].startswith("250 2.0.0 Ok: queued as ")
+    [held] = mta.queue()
+    assert held["queue_name"] == "hold"
+    assert sorted(r["address"] for r in held["recipients"]) == ["alice@example.edu",
+                                                                "bob@example.edu"]
+    [hold] = [ln for ln in mta.log.read_text().splitlines()
+              if f"{held['queue_id']}: milter-hold: END-OF-MESSAGE" in ln]
+    assert "milter triggers HOLD action" in hold  # (Postfix logs no reason: the gateway does)
+    [line] = logs.events("message")
+    assert (line["decision"], line["reason"], line["decided_by"]) == (
+        "quarantine", "spf_dkim_fail", "sender_auth")
+    [ids] = logs.events("milter_queue_id")
+    assert (ids["queue_id"], ids["mta_queue_id"]) == (line["queue_id"], held["queue_id"])
+    assert gw.metric("gateway_messages_total", sender="acme", decision="quarantine",
+                     reason="spf_dkim_fail") == 1
+    assert relay_sink.messages == []
+
+    mta.release_held()
+    mta.flush()
+    [msg] = delivered(relay_sink)
+    assert sorted(msg.rcpt_tos) == ["alice@example.edu", "bob@example.edu"]
+    assert header(msg.content, "Authentication-Results")[0].startswith("gw.test; spf=fail")

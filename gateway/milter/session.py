@@ -289,12 +289,17 @@ class MilterSession:
         raw = b"".join(self.head) + b"\r\n" + b"".join(self.body)
         forms = self.rcpt_forms
         self._reset_message()
+        if self.macros.get("i"):  # Postfix's queue id next to the gateway's, for the logs
+            log.info("milter_queue_id", session=self.id, queue_id=txn.queue_id,
+                     mta_queue_id=self.macros["i"])
         result = await self.engine.content(txn, raw)
         if result.kind == "reply":
             if result.reply.ok:  # every recipient dropped: accepted, delivered to no one
                 return [m.Discard()]
             return [reply_code(result.reply)]
-        out = edits(result, forms, self.leading_space)
+        # at the top, under the MTA's own Received field, as the SMTP front adds them under its
+        # own: Postfix does not show that field to milters but counts it as header 0
+        out = edits(result, forms, self.leading_space, top=1)
         verdict = result.outcome.verdict
         if result.kind == "quarantine":
             why = f"ecomm-gateway: {verdict.reason or 'quarantine'}"
