@@ -59,6 +59,12 @@ def test_empty_file_means_all_defaults(tmp_path):
     ("[logging]\nformat = \"xml\"\n", "logging.format", "'xml' is not one of 'json' | 'console'"),
     ("[checks.spam]\nmode = \"off\"\n", "checks.spam", "unknown check (known checks: "),
     ("[checks.return_path]\nmode = \"loud\"\n", "checks.return_path.mode", "'loud' is not one of 'enforce' | 'monitor' | 'off'"),
+    ("[server]\nlisten = []\n", "server.listen", "needs at least one host:port (or [milter] listen"),
+    ("[milter]\nlisten = [\"127.0.0.1:8891\"]\n", "milter.listen[0]", "expected inet:host:port or unix:/path"),
+    ("[milter]\nlisten = [\"unix:run/m.sock\"]\n", "milter.listen[0]", "expected unix:/absolute/path"),
+    ("[milter]\nlisten = [\"inet:localhost\"]\n", "milter.listen[0]", "is not host:port"),
+    ("[milter]\nsocket_mode = \"rw\"\n", "milter.socket_mode", "expected an octal mode"),
+    ("[milter]\ntimeout = 0\n", "milter.timeout", "must be positive"),
     ("[servr]\n", "servr", "unknown section"),
     ("server = 1\n", "server", "expected a [server] table"),
 ])
@@ -70,6 +76,14 @@ def test_bad_configuration_names_file_key_and_reason(tmp_path, text, key, reason
     assert reason in err.value.reason
     assert str(err.value).startswith(f"{path}: {key}: ")
     assert "\n" not in str(err.value)
+
+
+def test_milter_only_needs_no_smtp_listener(tmp_path):
+    config = load_config(write(tmp_path, '[server]\nlisten = []\n[milter]\nlisten = '
+                                         '["inet:127.0.0.1:8891", "unix:/run/g/m.sock"]\n'))
+    assert config.server.listen == ()
+    assert config.milter.listen == ("inet:127.0.0.1:8891", "unix:/run/g/m.sock")
+    assert (config.milter.socket_mode, config.milter.timeout) == ("0660", 600.0)
 
 
 def test_invalid_toml_and_missing_file(tmp_path):

@@ -344,3 +344,68 @@ def test_quarantine_holds_in_postfix_and_release_delivers(start_auth, mta, relay
     [msg] = delivered(relay_sink)
     assert sorted(msg.rcpt_tos) == ["alice@example.edu", "bob@example.edu"]
     assert header(msg.content, "Authentication-Results")[0].startswith("gw.test; spf=fail")
+
+
+# --- recipient flags, the unsubscribe rewrite, large audiences --------------------------------
+
+def flag(gw, name: str, *addresses: str) -> None:
+    flags = gw.gateway.flags
+    gw.call(flags.add(name, [flags.member(a) for a in addresses]))
+
+
+def test_flagged_recipients_are_deleted_and_the_rest_delivered(start, mta, relay_sink, tmp_path,
+                                                               logs):
+    from gateway.flags import DO_NOT_EMAIL, FERPA
+
+    gw = start()
+    flag(gw, FERPA, "alice@example.edu")
+    flag(gw, DO_NOT_EMAIL, "carol@example.edu")
+    replies = swaks(mta, tmp_path, to=("alice@example.edu", "bob@example.edu",
+                                       "carol@example.edu"))
+    assert [replies[f"RCPT <{r}@example.edu>"][:9] for r in ("alice", "bob", "carol")] == \
+        ["250 2.1.5"] * 3  # nothing told at RCPT
+    assert replies["."].startswith("250 2.0.0 Ok: queued as ")
+    [msg] = delivered(relay_sink)
+    assert msg.rcpt_tos == ["bob@example.edu"]
+    maillog = gw.gateway.maillog
+    assert sorted(e["rcpt"] for e in logs.events("rcpt_dropped")) == sorted(
+        [maillog.rcpt_id("alice@example.edu"), maillog.rcpt_id("carol@example.edu")])
+    assert logs.events("message")[-1]["recipients"] == [maillog.rcpt_id("bob@example.edu")]
+    assert gw.metric("gateway_recipients_total", sender="acme", decision="dropped") == 2
+
+
+def test_every_recipient_flagged_is_accepted_and_discarded(start, mta, relay_sink, tmp_path,
+                                                           logs):
+    from gateway.flags import FERPA
+
+    gw = start()
+    flag(gw, FERPA, "alice@example.edu", "bob@example.edu")
+    replies = swaks(mta, tmp_path, to=("alice@example.edu", "bob@example.edu"))
+    assert replies["."].startswith("250 2.0.0 Ok: queued as ")
+    assert mta.queue() == [] and relay_sink.messages == []
+    assert "milter-discard: END-OF-MESSAGE" in mta.log.read_text()
+    decision = logs.events("message")[-1]
+    assert (decision["decision"], decision["reason"]) == ("accept", "recipients_dropped")
+    assert gw.metric("gateway_recipients_total", sender="acme", decision="dropped") == 2
+
+
+def test_one_click_unsubscribe_is_rewritten_in_place(start, mta, relay_sink, tmp_path):
+    start('[flags]\nunsubscribe_base_url = "https://unsub.example.edu"\n')
+    assert swaks(mta, tmp_path)["."].startswith("250 2.0.0")
+    [msg] = delivered(relay_sink)
+    [link] = header(msg.content, "List-Unsubscribe")
+    assert re.fullmatch(r"<https://unsub\.example\.edu/u/[A-Za-z0-9_-]+>, "
+                        r"<mailto:unsub-1@em\.acme\.example>", link), link
+    assert header(msg.content, "List-Unsubscribe-Post") == ["List-Unsubscribe=One-Click"]
+    assert b"em.acme.example/u/1" not in msg.content
+
+
+def test_large_audience_is_deferred_in_business_hours(start, mta, relay_sink, tmp_path):
+    start()  # the clock: Monday 2026-11-02 08:00 in Denver
+    raw = MESSAGE.replace(b"Subject: Hello\r\n", b"Subject: Hello\r\nX-Campaign-ID: gala\r\n"
+                          b"X-Audience-Size: 20000\r\n")
+    replies = swaks(mta, tmp_path, data=raw)
+    assert replies["."].startswith("451 4.7.1 Campaign X-Campaign-ID gala has an audience over "
+                                   "15000 university addresses (20000 declared in "
+                                   "X-Audience-Size)")
+    assert mta.queue() == [] and relay_sink.messages == []
