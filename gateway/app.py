@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.adaptive import AdaptiveRate
+from gateway.arc import ArcKeyError, ArcSealer
 from gateway.checks import CHECKS
 from gateway.checks.base import Deps
 from gateway.checks.pipeline import Pipeline
@@ -27,6 +28,7 @@ from gateway.milter.server import MilterServer
 from gateway.quarantine import Quarantine
 from gateway.rates import Rate
 from gateway.throttles import Throttles
+from gateway.typed import ConfigError
 from gateway.relay import open_upstream
 from gateway.senders import Registry, load_registry
 from gateway.smtp.handler import Handler
@@ -83,7 +85,8 @@ class Gateway:
                              clock=self.clock, maillog=self.maillog, metrics=self.metrics)
         self.handler = Handler(engine=self.engine, config=cfg, registry=self.registry,
                                upstream=self.upstream, maillog=self.maillog,
-                               metrics=self.metrics, adaptive=self.adaptive, store=self.store) \
+                               metrics=self.metrics, adaptive=self.adaptive, store=self.store,
+                               arc=self._arc_sealer()) \
             if self.upstream is not None else None
         self.milter = MilterServer(config=cfg, engine=self.engine, maillog=self.maillog,
                                    metrics=self.metrics) if cfg.milter.listen else None
@@ -92,6 +95,16 @@ class Gateway:
         self.admin_runner: web.AppRunner | None = None
         self.smtp_addresses: list[tuple[str, int]] = []
         self.admin_address: tuple[str, int] | None = None
+
+    def _arc_sealer(self) -> ArcSealer | None:
+        """The ARC sealer when ``[arc] domain`` is set; its key is read now, so a missing or
+        unusable key_file stops the start naming the file and key."""
+        if not self.config.arc.domain:
+            return None
+        try:
+            return ArcSealer(self.config, self.dns, self.clock, self.metrics)
+        except ArcKeyError as exc:
+            raise ConfigError(self.config.file, "arc.key_file", str(exc)) from None
 
     def _adaptive_rate(self) -> AdaptiveRate | None:
         limits = self.config.limits

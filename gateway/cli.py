@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.flags_cli import add_parser as add_flags_parser
 
     add_flags_parser(sub, common)  # gateway flags import | remove | check | list | export-optouts
+    from gateway.arc_cli import add_parser as add_arc_parser
+
+    add_arc_parser(sub, common)  # gateway arc keygen
     return parser
 
 

@@ -372,6 +372,30 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class ArcConfig:
+    """ARC sealing of relayed mail (gateway.arc, RFC 8617); off while ``domain`` is empty."""
+
+    domain: str = ""
+    selector: str = ""
+    key_file: Path = Path("var/arc.key")
+    seal: Literal["changed", "always"] = "changed"
+
+    def validate(self, file, prefix):
+        from gateway.smtp.address import valid_domain
+
+        if not self.domain and not self.selector:
+            return
+        if not valid_domain(self.domain.lower()):
+            raise ConfigError(file, f"{prefix}.domain", f"{self.domain!r}: expected the domain "
+                              "whose DNS publishes the key (d= of the seal)")
+        if not self.selector or not all(label and label.replace("-", "").replace("_", "")
+                                         .isalnum() and label.isascii()
+                                         for label in self.selector.split(".")):
+            raise ConfigError(file, f"{prefix}.selector", f"{self.selector!r}: expected a "
+                              "selector such as \"arc2026\" (s= of the seal)")
+
+
+@dataclass(frozen=True)
 class QuarantineConfig:
     dir: Path = Path("var/quarantine")
 
@@ -427,6 +451,7 @@ class Config:
     dns: DnsConfig = DnsConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
     flags: FlagsConfig = FlagsConfig()
+    arc: ArcConfig = ArcConfig()
     business_hours: BusinessHoursConfig = BusinessHoursConfig()
     checks: dict[str, CheckSettings] = field(default_factory=dict)
 

@@ -35,6 +35,7 @@ from gateway.state.memory import MemoryStore
 
 if TYPE_CHECKING:
     from gateway.adaptive import AdaptiveRate
+    from gateway.arc import ArcSealer
     from gateway.config import Config
     from gateway.maillog import MailLog
     from gateway.metrics import Metrics
@@ -57,8 +58,10 @@ class Relayed:
 class Handler:
     def __init__(self, *, engine: Engine, config: Config, registry: Registry,
                  upstream: Upstream, maillog: MailLog, metrics: Metrics,
-                 adaptive: AdaptiveRate | None = None, store: Store | None = None) -> None:
+                 adaptive: AdaptiveRate | None = None, store: Store | None = None,
+                 arc: ArcSealer | None = None) -> None:
         self.engine = engine
+        self.arc = arc  # [arc]: seal what is relayed (gateway.arc)
         self.config = config
         self.registry = registry
         self.upstream = upstream
@@ -268,8 +271,12 @@ class Handler:
                 return str(reply)
         head = self.engine.received(txn)
         head += b"".join(f"{name}: {value}\r\n".encode() for name, value in result.headers)
+        data = head + result.content
+        if self.arc is not None and self.arc.wanted(txn.ctx.raw, result.content):
+            sender = txn.ctx.sender.id if txn.ctx.sender is not None else "unknown"
+            data = await self.arc.seal(txn.ctx.raw, data, sender)
         started = time.perf_counter()
-        reply = await upstream.data(head + result.content)
+        reply = await upstream.data(data)
         envelope.gateway = None  # finished; a cancelled hook leaves it for the abort on close
         elapsed = time.perf_counter() - started
         self.metrics.relay_seconds.observe(elapsed)
