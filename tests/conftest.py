@@ -85,6 +85,7 @@ class SinkHandler:
         self.mail_reply: str | None = None
         self.data_reply: str | None = None
         self.rcpt_seen: list[str] = []
+        self.mails = 0  # MAIL commands received, refused or not
         self.ehlos = 0
         self.rsets = 0
         self.tls_seen: list[bool] = []
@@ -100,6 +101,7 @@ class SinkHandler:
         return "250 2.0.0 OK"
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.mails += 1
         if self.mail_reply:
             return self.mail_reply
         envelope.mail_from = address

@@ -23,9 +23,13 @@ WIDE = "[limits]\nsessions_per_sender = 200\nsessions_per_ip = 200\n"
 
 
 def send_one(gw, mail_from="bounce-1@em.acme.example", rcpt="alice@example.edu"):
+    """The reply that ended the transaction: MAIL's when it refused (a sender over its rate is
+    refused there), else the reply to the final dot."""
     with smtplib.SMTP("127.0.0.1", gw.port, timeout=60) as client:
         client.ehlo("client.test")
-        client.mail(mail_from)
+        reply = client.mail(mail_from)
+        if reply[0] != 250:
+            return reply
         client.rcpt(rcpt)
         return client.data(MESSAGE)
 

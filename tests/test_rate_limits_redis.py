@@ -60,7 +60,9 @@ mode = "off"
 def send_to(port: int) -> int:
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
         client.ehlo("client.test")
-        client.mail("bounce-1@em.acme.example")
+        code, _ = client.mail("bounce-1@em.acme.example")
+        if code != 250:  # over the rate: refused at MAIL already
+            return code
         client.rcpt("alice@example.edu")
         return client.data(MESSAGE)[0]
 

@@ -5,7 +5,7 @@ from gateway.checks.base import ACCEPT, Check, Context, Deps, Stage, Verdict, de
 from gateway.checks.identity import Identity
 from gateway.checks.large_audience import LargeAudience
 from gateway.checks.message_class import MessageClass
-from gateway.checks.rate_limit import RateLimit
+from gateway.checks.rate_limit import RateLimit, RateLimitAtMail
 from gateway.checks.recipient_flags import RecipientFlags, RecipientFlagsAtRcpt
 from gateway.checks.registration import Registration
 from gateway.checks.return_path import ReturnPath
@@ -15,6 +15,8 @@ from gateway.checks.unsubscribe import Unsubscribe, UnsubscribeCoverage
 # Content controls (DATA): the class first (unsubscribe and later controls key on it), then the
 # cheap header checks, then the MIME walk.
 CHECKS: tuple[type[Check], ...] = (Identity, Registration, ReturnPath,
+                                   # a look at the rate budget: over it, 451 at MAIL already
+                                   RateLimitAtMail,
                                    MessageClass, Unsubscribe, Attachments,
                                    SenderAuth,  # SPF/DKIM/alignment: DNS, after the cheap ones
                                    # RFC 8058 4: the covering signature is valid (reuses

@@ -2,7 +2,8 @@
 throttle the sending rate to balance server load.
 
 Runs last, when the message is otherwise ready to relay, so a rejected or deferred message never
-spends budget. The limit holds for every sliding 60-second window (a log of relay times per
+spends budget. A first look at MAIL (:class:`RateLimitAtMail`) refuses a sender that is over
+its rate before the message is sent at all. The limit holds for every sliding 60-second window (a log of relay times per
 sender in the state backend, admitted atomically), not only calendar minutes. Over the limit, the
 reply to the final dot is held while capacity frees up, for at most ``[limits] max_hold``
 seconds; if the budget will not allow the message by then, it is deferred at once with
@@ -94,26 +95,35 @@ class RateLimit(Check):
                 self.metrics.state_fallbacks.inc()
             return await self.local.acquire(limits, now, token)
 
-    async def check(self, ctx: Context) -> Verdict:
+    async def budget(self, ctx: Context) -> tuple[str, list[tuple[Limit, str, Rate]],
+                                                   list[Rate]]:
+        """The sender's id, what the message would spend — (limit, what it limits, its rate):
+        messages per sender, messages through the gateway and, when configured, recipients per
+        sender (a message costs one per recipient; at MAIL, before any, at least one) — and
+        the sender's rates. StoreError when the throttles cannot be read."""
         sender_id = ctx.sender.id if ctx.sender is not None else f"ip:{ctx.client_ip}"
-        try:
-            sender_rates = await self.sender_rates(sender_id, ctx.sender.own_rate
-                                                   if ctx.sender is not None else None)
-            global_rates = await self.global_rates()
-        except StoreError as exc:
-            return self._store_down(exc)
-        # (limit, what it limits, its rate): messages per sender, messages through the gateway,
-        # and, when configured, recipients per sender (a message costs one per recipient)
+        sender_rates = await self.sender_rates(sender_id, ctx.sender.own_rate
+                                               if ctx.sender is not None else None)
+        global_rates = await self.global_rates()
         budget = ([(Limit(f"rate:{sender_id}:{r.period}", r.count, r.period), "sender", r)
                    for r in sender_rates]
                   + [(Limit(f"rate:{GLOBAL}:{r.period}", r.count, r.period), "global", r)
                      for r in global_rates])
         rcpt_rate = self.recipient_rate(ctx)
-        if rcpt_rate is not None and ctx.recipients:
-            cost = min(len(ctx.recipients), rcpt_rate.count)  # a bigger message takes it all
+        if rcpt_rate is not None:
+            cost = min(max(1, len(ctx.recipients)), rcpt_rate.count)  # a bigger one takes all
             budget.append((Limit(f"rcpt:{sender_id}:{rcpt_rate.period}", rcpt_rate.count,
                                  rcpt_rate.period, cost), "recipients", rcpt_rate))
+        return sender_id, budget, sender_rates
+
+    async def check(self, ctx: Context) -> Verdict:
+        try:
+            sender_id, budget, sender_rates = await self.budget(ctx)
+        except StoreError as exc:
+            return self._store_down(exc)
         limits = [limit for limit, _, _ in budget]
+        if ctx.dry_run:  # explain: a look at the budget, never a take
+            return await self._look(ctx, sender_id, budget)
         if self.metrics is not None:
             self.metrics.effective_rate.labels(sender_id).set(
                 min(r.per_second for r in sender_rates) * 60)
@@ -139,6 +149,21 @@ class RateLimit(Check):
             held = True
             await clock.sleep(admission.wait)
 
+    async def _look(self, ctx: Context, sender_id: str,
+                    budget: list[tuple[Limit, str, Rate]]) -> Verdict:
+        """Defer when the budget cannot free within ``max_hold``, spending nothing."""
+        now = self.deps.clock.now().timestamp()
+        try:
+            admission = await self.deps.state.peek([limit for limit, _, _ in budget], now)
+        except StoreError as exc:
+            if self.on_error == "local":
+                return ACCEPT  # the DATA half decides, with the per-process limits
+            return self._store_down(exc)
+        if admission.wait > self.max_hold:
+            _, kind, rate = budget[admission.limit]
+            return self._deferred(sender_id, rate, kind, admission.wait, count=not ctx.dry_run)
+        return ACCEPT
+
     def recipient_rate(self, ctx: Context) -> Rate | None:
         """The recipients-per-period limit: the stricter of [limits] recipient_rate and the
         sender's own ``recipient_rate`` (None when neither is set)."""
@@ -147,9 +172,10 @@ class RateLimit(Check):
             return own
         return self.recipient_ceiling.at_most(own)
 
-    def _deferred(self, sender_id: str, rate: Rate, kind: str, wait: float) -> Verdict:
+    def _deferred(self, sender_id: str, rate: Rate, kind: str, wait: float,
+                  count: bool = True) -> Verdict:
         seconds = max(1, math.ceil(wait))
-        if self.metrics is not None:
+        if count and self.metrics is not None:
             self.metrics.rate_deferrals.labels(sender_id, kind).inc()
         if kind == "global":
             return defer(451, "4.7.1", f"Gateway-wide sending rate is limited to {rate} to "
@@ -165,3 +191,29 @@ class RateLimit(Check):
         # the same words as every check that finds the state store down: one outage, one reply
         return defer(451, "4.3.0", "Temporary local problem; try again later",
                      "state_unavailable")
+
+
+class RateLimitAtMail(RateLimit):
+    """The MAIL half, the early refusal: when the sender's budget (or the gateway-wide one, or
+    its recipients' with one recipient) cannot free within ``max_hold``, with the rates and
+    throttles in force now, MAIL is answered with the very 451 4.7.1 the end of the message
+    would get, before anything reaches campus mail and before the vendor sends its body. It
+    only looks (``Store.peek``): budget is spent at the end of the message, by relayed ones
+    alone. So a sender over its rate costs one MAIL command per retry, in every one of its
+    sessions, and a message that passes here is still decided by the DATA half (others may
+    have spent the budget meanwhile). Enforce mode only: a monitored limit is reported once,
+    at the end of the message."""
+
+    stage = Stage.MAIL
+
+    def active(self, ctx: Context) -> bool:
+        return self.settings(ctx).mode == "enforce"
+
+    async def check(self, ctx: Context) -> Verdict:
+        try:
+            sender_id, budget, _ = await self.budget(ctx)
+        except StoreError as exc:
+            if self.on_error == "local":
+                return ACCEPT
+            return self._store_down(exc)
+        return await self._look(ctx, sender_id, budget)

@@ -62,6 +62,11 @@ class Store(Protocol):
         would admit, and which limit is the reason.
         """
 
+    async def peek(self, limits: list[Limit], now: float) -> Admission:
+        """What :meth:`acquire` would answer now, recording nothing (a look, not a take): the
+        early refusal at MAIL (checks.rate_limit) asks it, so that only relayed messages
+        spend budget. ``used`` counts the first limit's window as it is."""
+
     async def count_distinct(self, key: str, members: list[str], window: float,
                              limit: int | None = None) -> int:
         """Add ``members`` to the distinct set ``key`` (each seen now, remembered ``window``

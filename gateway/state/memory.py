@@ -72,6 +72,18 @@ class MemoryStore:
                     bisect.insort(self._windows[key], now)
         return Admission(wait, worst, len(self._windows[limits[0].key]))
 
+    async def peek(self, limits: list[Limit], now: float) -> Admission:
+        wait, worst, first = 0.0, -1, 0
+        for i, (key, count, window, cost) in enumerate(limits):
+            times = self._windows.get(key, [])
+            live = times[bisect.bisect_right(times, now - window):]
+            if i == 0:
+                first = len(live)
+            w = retry_after(live, count, window, now, cost)
+            if w > wait:
+                wait, worst = w, i
+        return Admission(wait, worst, first)
+
     # --- recipient flags (gateway.flags): sets of keyed hashes ----------------------------
 
     async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:

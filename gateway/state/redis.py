@@ -44,6 +44,29 @@ end
 return {'0', -1, first + tonumber(ARGV[5])}
 """
 
+# The same decision, recording nothing and pruning nothing (a look, not a take): the early
+# refusal at MAIL. KEYS and ARGV as for _ACQUIRE (the token unused).
+_PEEK = """
+local now = tonumber(ARGV[1])
+local wait, worst, first = 0, -1, 0
+for i, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[3 * i])
+  local window = tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
+  local after = string.format('(%.17g', now - window)
+  local n = redis.call('ZCOUNT', key, after, '+inf')
+  if i == 1 then first = n end
+  local excess = n + cost - count
+  if excess > 0 then
+    local at = redis.call('ZRANGEBYSCORE', key, after, '+inf', 'WITHSCORES', 'LIMIT',
+                          excess - 1, 1)
+    local w = tonumber(at[2]) + window - now
+    if w > wait then wait, worst = w, i - 1 end
+  end
+end
+return {tostring(wait), worst, first}
+"""
+
 
 # KEYS: the HyperLogLog of the current window bucket, then the older buckets still in the window.
 # ARGV: the current bucket's time to live (ms), then the members. Adds to the current bucket (in
@@ -98,6 +121,7 @@ class RedisStore:
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout,
                                               socket_connect_timeout=timeout)
         self._acquire = self.client.register_script(_ACQUIRE)
+        self._peek = self.client.register_script(_PEEK)
         self._flag_swap = self.client.register_script(_FLAG_SWAP)
         self._flag_lookup = self.client.register_script(_FLAG_LOOKUP)
         self._count_distinct = self.client.register_script(_COUNT_DISTINCT)
@@ -143,6 +167,14 @@ class RedisStore:
             args += [count, repr(float(window)), cost]
         wait, worst, used = await self._call(
             self._acquire(keys=[lim.key for lim in limits], args=args))
+        return Admission(float(wait), int(worst), int(used))
+
+    async def peek(self, limits: list[Limit], now: float) -> Admission:
+        args: list = [repr(now), ""]
+        for _, count, window, cost in limits:
+            args += [count, repr(float(window)), cost]
+        wait, worst, used = await self._call(
+            self._peek(keys=[lim.key for lim in limits], args=args))
         return Admission(float(wait), int(worst), int(used))
 
     # --- recipient flags (gateway.flags) ----------------------------------------------------

@@ -220,6 +220,36 @@ class SQLiteStore:
     async def acquire(self, limits: list[Limit], now: float, token: str) -> Admission:
         return await self._quick(self._acquire, limits, now)
 
+    def _peek(self, limits: list[Limit], now: float,
+              db: sqlite3.Connection | None = None) -> Admission:
+        db = db or self._conn()
+        db.execute("BEGIN")  # read only: one snapshot for every limit, no write lock
+        try:
+            wait, worst, first = 0.0, -1, 0
+            for i, (key, count, window, cost) in enumerate(limits):
+                # the kept count, less the events that left the window but are not pruned yet
+                # (an acquire prunes them): a few index probes, however full the window
+                row = db.execute("SELECT n FROM window_counts WHERE key = ?", (key,)).fetchone()
+                (gone,) = db.execute("SELECT count(*) FROM window_events WHERE key = ? "
+                                     "AND at <= ?", (key, now - window)).fetchone()
+                n = max((row[0] if row else 0) - gone, 0)
+                if i == 0:
+                    first = n
+                excess = n + cost - count
+                if excess > 0:
+                    found = db.execute("SELECT at FROM window_events WHERE key = ? AND at > ? "
+                                       "ORDER BY at LIMIT 1 OFFSET ?",
+                                       (key, now - window, excess - 1)).fetchone()
+                    w = max(found[0] + window - now, 0.0) if found else 0.0
+                    if w > wait:
+                        wait, worst = w, i
+        finally:
+            db.execute("COMMIT")
+        return Admission(wait, worst, first)
+
+    async def peek(self, limits: list[Limit], now: float) -> Admission:
+        return await self._quick(self._peek, limits, now)
+
     # --- recipient flags (gateway.flags) ----------------------------------------------------
     # A flag's members form a generation; flag_sets names each flag's live one. A replace fills
     # a new generation in short transactions (other writers wait milliseconds, not the whole
