@@ -238,7 +238,10 @@ def test_rate_deferral_451(start, mta, relay_sink, tmp_path):
     start('[limits]\nsender_rate = "1/hour"\nmax_hold = 0\n')
     assert swaks(mta, tmp_path)["."].startswith("250 2.0.0")
     replies = swaks(mta, tmp_path)
-    assert replies["."].startswith("451 4.7.1 Sending rate of sender acme is limited to ")
+    # the engine's early refusal: over the rate, MAIL is refused before the body is sent
+    assert replies["MAIL"].startswith("451 4.7.1 Sending rate of sender acme is limited to "
+                                      "1/hour; retry in ")
+    assert "." not in replies
     delivered(relay_sink)
     assert len(relay_sink.messages) == 1
 
