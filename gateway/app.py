@@ -128,7 +128,8 @@ class Gateway:
         protocol = GatewaySMTP(self.handler, hostname=s.hostname, ident="ESMTP ecomm-gateway",
                                data_size_limit=s.max_message_size, tls_context=tls,
                                require_starttls=s.require_tls, auth_require_tls=True,
-                               timeout=s.timeout, loop=asyncio.get_running_loop())
+                               timeout=s.timeout, loop=asyncio.get_running_loop(),
+                               transaction_idle=self.config.upstream.transaction_idle)
         self.sessions.add(protocol)
         return protocol
 

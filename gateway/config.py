@@ -129,6 +129,9 @@ class UpstreamConfig:
     pool_size: int = 20
     timeout: float = 60.0
     idle_timeout: float = 30.0
+    pool_wait: float = 30.0
+    sender_share: float = 0.5
+    transaction_idle: float = 30.0
 
     def validate(self, file, prefix):
         check_upstream_url(file, f"{prefix}.url", self.url)
@@ -142,6 +145,13 @@ class UpstreamConfig:
             raise ConfigError(file, f"{prefix}.pool_size", "must be at least 1")
         if self.timeout <= 0 or self.idle_timeout < 0:
             raise ConfigError(file, f"{prefix}.timeout", "timeouts must be positive")
+        if not 0 < self.pool_wait <= self.timeout:
+            raise ConfigError(file, f"{prefix}.pool_wait", "must be positive and at most "
+                              "timeout")
+        if not 0 < self.sender_share <= 1:
+            raise ConfigError(file, f"{prefix}.sender_share", "must be in (0, 1]")
+        if self.transaction_idle <= 0:
+            raise ConfigError(file, f"{prefix}.transaction_idle", "must be positive")
 
     @property
     def urls(self) -> tuple[str, ...]:

@@ -71,7 +71,9 @@ class Metrics:
             "state store was unreachable ([state] on_error = \"local\")", registry=registry)
         self.sessions_refused = Counter(
             "gateway_sessions_refused", "Sessions refused (421 4.7.0) over a cap: ip, sender, "
-            "total (sessions_total) or rate (connection_rate)", ["cap"], registry=registry)
+            "total (sessions_total) or rate (connection_rate); idle: closed (421 4.4.2) for "
+            "silence inside a transaction ([upstream] transaction_idle)", ["cap"],
+            registry=registry)
         self.auth_failures = Counter(
             "gateway_auth_failures", "Failed SMTP AUTH attempts by reason: invalid (wrong "
             "credentials), locked_out (the IP was locked out; not verified)", ["reason"],

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 UNAVAILABLE = Reply(451, "4.4.1", "Campus mail is unavailable; try again later")
 CONNECTION_LOST = Reply(451, "4.4.2", "Connection to campus mail lost; try again later")
+# RFC 3463 X.4.5 "mail system congestion": no pooled connection to campus mail came free in time
+POOL_BUSY = Reply(451, "4.4.5", "All connections to campus mail are busy; try again later")
 
 
 class UpstreamError(Exception):
@@ -45,7 +47,10 @@ class Transaction(Protocol):
 class Upstream(Protocol):
     description: str
 
-    async def begin(self, mail_from: str, eightbit: bool, size: int | None) -> Transaction: ...
+    async def begin(self, mail_from: str, eightbit: bool, size: int | None,
+                    owner: str | None = None) -> Transaction:
+        """Open a transaction (MAIL FROM). ``owner`` (the registered sender) bounds how much of
+        a connection pool one sender may hold."""
 
     async def close(self) -> None: ...
 
@@ -69,4 +74,5 @@ def open_upstream(config: Config, clock: Clock) -> Upstream:
 
     return SMTPUpstream(urls=up.urls, starttls=up.starttls, tls_context=tls_context(config),
                         pool_size=up.pool_size, timeout=up.timeout,
-                        idle_timeout=up.idle_timeout, helo=config.server.hostname, clock=clock)
+                        idle_timeout=up.idle_timeout, helo=config.server.hostname, clock=clock,
+                        pool_wait=up.pool_wait, sender_share=up.sender_share)

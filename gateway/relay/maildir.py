@@ -23,7 +23,8 @@ class MaildirUpstream:
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
-    async def begin(self, mail_from: str, eightbit: bool, size: int | None) -> MaildirTransaction:
+    async def begin(self, mail_from: str, eightbit: bool, size: int | None,
+                    owner: str | None = None) -> MaildirTransaction:
         return MaildirTransaction(self, mail_from)
 
     def deliver(self, mail_from: str, recipients: list[str], content: bytes) -> str:

@@ -12,7 +12,7 @@ from aiosmtplib import (SMTPException, SMTPResponseException,
                         SMTPSenderRefused, SMTPServerDisconnected)
 
 from gateway.clock import Clock
-from gateway.relay.base import CONNECTION_LOST, UNAVAILABLE, UpstreamError
+from gateway.relay.base import CONNECTION_LOST, POOL_BUSY, UNAVAILABLE, UpstreamError
 from gateway.smtp.replies import Reply, from_upstream
 
 _TRANSPORT_ERRORS = (OSError, asyncio.TimeoutError, SMTPServerDisconnected,
@@ -22,7 +22,7 @@ _TRANSPORT_ERRORS = (OSError, asyncio.TimeoutError, SMTPServerDisconnected,
 class SMTPUpstream:
     def __init__(self, *, urls: tuple[str, ...], starttls: str, tls_context: ssl.SSLContext,
                  pool_size: int, timeout: float, idle_timeout: float, helo: str,
-                 clock: Clock) -> None:
+                 clock: Clock, pool_wait: float | None = None, sender_share: float = 1.0) -> None:
         self.urls = urls
         self.description = ", ".join(urls)
         self.starttls = starttls
@@ -33,6 +33,11 @@ class SMTPUpstream:
         self.clock = clock
         self._slots = asyncio.Semaphore(pool_size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        # fairness (issue #10 item 9): a slot is waited for at most pool_wait seconds, and one
+        # owner (a registered sender) holds at most per_owner slots at once
+        self.pool_wait = timeout if pool_wait is None else min(pool_wait, timeout)
+        self.per_owner = max(1, int(pool_size * sender_share))
+        self._owners: dict[str, asyncio.Semaphore] = {}
 
     async def _connect(self, url: str) -> aiosmtplib.SMTP:
         parts = urlsplit(url)
@@ -63,14 +68,35 @@ class SMTPUpstream:
     async def _mail(self, client, mail_from, eightbit, size) -> None:
         await client.mail(mail_from, options=self._options(client, eightbit, size))
 
-    async def begin(self, mail_from: str, eightbit: bool, size: int | None) -> SMTPTransaction:
-        await self._slots.acquire()
+    async def begin(self, mail_from: str, eightbit: bool, size: int | None,
+                    owner: str | None = None) -> SMTPTransaction:
+        """A transaction on a pooled connection: first a slot of ``owner``'s share, then one of
+        the pool, both within ``pool_wait`` seconds (else 451 4.4.5, the client retries)."""
+        held = await self._slots_for(owner)
         try:
             client = await self._checkout(mail_from, eightbit, size)
         except BaseException:
-            self._slots.release()
+            for slots in held:
+                slots.release()
             raise
-        return SMTPTransaction(self, client, (mail_from, eightbit, size))
+        return SMTPTransaction(self, client, (mail_from, eightbit, size), held)
+
+    async def _slots_for(self, owner: str | None) -> list[asyncio.Semaphore]:
+        wanted = [self._slots]
+        if owner is not None:
+            wanted.insert(0, self._owners.setdefault(owner, asyncio.Semaphore(self.per_owner)))
+        held: list[asyncio.Semaphore] = []
+        deadline = self.clock.monotonic() + self.pool_wait
+        try:
+            for slots in wanted:
+                if not await _acquire(slots, self.clock, deadline - self.clock.monotonic()):
+                    raise UpstreamError(POOL_BUSY)
+                held.append(slots)
+        except BaseException:
+            for slots in held:
+                slots.release()
+            raise
+        return held
 
     async def _checkout(self, mail_from: str, eightbit: bool, size: int | None) -> aiosmtplib.SMTP:
         now = self.clock.monotonic()
@@ -117,15 +143,39 @@ class SMTPUpstream:
                 client.close()
 
 
+async def _acquire(slots: asyncio.Semaphore, clock: Clock, seconds: float) -> bool:
+    """Acquire ``slots`` within ``seconds`` of ``clock``; False (not acquired) when time ran out."""
+    if not slots.locked():
+        await slots.acquire()  # free: at once
+        return True
+    if seconds <= 0:
+        return False
+    acquiring = asyncio.ensure_future(slots.acquire())
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({acquiring, timer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        if not acquiring.done():
+            acquiring.cancel()
+            try:
+                await acquiring
+            except asyncio.CancelledError:
+                pass
+    return acquiring.done() and not acquiring.cancelled()
+
+
 class SMTPTransaction:
     """One upstream transaction on a pooled connection. The connection goes back to the pool
     after a completed or reset transaction, and is closed after any transport failure, a 421,
     or a client that vanished while a command was in flight."""
 
     def __init__(self, upstream: SMTPUpstream, client: aiosmtplib.SMTP,
-                 mail: tuple[str, bool, int | None] = ("", False, None)) -> None:
+                 mail: tuple[str, bool, int | None] = ("", False, None),
+                 slots: list[asyncio.Semaphore] | None = None) -> None:
         self.upstream, self.client = upstream, client
         self._mail_args = mail  # MAIL FROM, 8BITMIME, SIZE: for restart()
+        self._held = [upstream._slots] if slots is None else slots
         self._done = False
         self._busy = False
 
@@ -133,7 +183,8 @@ class SMTPTransaction:
         if not self._done:
             self._done = True
             self.upstream._release(self.client, reusable)
-            self.upstream._slots.release()
+            for slots in self._held:
+                slots.release()
 
     async def _command(self, call):
         """Run one upstream command; returns its reply, or None on a transport failure."""

@@ -179,6 +179,13 @@ class Handler:
                                                     verify)
         return username if verdict.ok else verdict.reply
 
+    def transaction_idle(self, session) -> None:
+        """The client fell silent inside a transaction ([upstream] transaction_idle): it was
+        told 421 4.4.2 and is being closed; the close aborts the upstream transaction."""
+        self.metrics.sessions_refused.labels("idle").inc()
+        log.info("transaction_idle", session=session.gateway_id, client_ip=self._ip_text(session),
+                 sender=session.gateway_sender, reply="421 4.4.2")
+
     async def session_admitted(self, session) -> Reply | None:
         """Before the greeting: the per-IP connection rate (gateway.smtp.guard)."""
         return await self.guard.admit(self._ip_text(session))
@@ -211,7 +218,8 @@ class Handler:
         size = next((int(o[5:]) for o in mail_options if o.startswith("SIZE=")
                      and o[5:].isdigit()), None)
         try:
-            upstream_txn = await self.upstream.begin(mail_from, eightbit, size)
+            upstream_txn = await self.upstream.begin(mail_from, eightbit, size,
+                                                     owner=ctx.sender.id if ctx.sender else None)
         except UpstreamError as exc:
             self.metrics.upstream_reply("mail", exc.reply.code)
             action = "defer" if exc.reply.transient else "reject"

@@ -24,10 +24,17 @@ NULL_PATH = "<>"
 DATA_WINDOW = 256 * 1024  # bytes scanned (and buffered) per read while receiving DATA
 
 
+IDLE_IN_TRANSACTION = b"421 4.4.2 Idle too long in a mail transaction; closing connection\r\n"
+
+
 class GatewaySMTP(SMTP):
-    def __init__(self, handler, **kwargs: Any) -> None:
+    def __init__(self, handler, *, transaction_idle: float | None = None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._counted = False
+        # a client silent this long between commands of a transaction (which holds a pooled
+        # upstream connection) is told 421 4.4.2 and closed, and the slot goes back to the pool
+        self.transaction_idle = transaction_idle
+        self._idle_armed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None and not self._counted
@@ -91,6 +98,27 @@ class GatewaySMTP(SMTP):
         await super().push(status)
         if isinstance(status, str) and status.startswith("421") and self.transport is not None:
             self.transport.close()  # 421: the server closes the transmission channel
+            return
+        self._arm_idle(status)
+
+    def _arm_idle(self, status: str | bytes) -> None:
+        """After a reply inside a transaction, the client has ``transaction_idle`` seconds
+        for its next command; DATA's content (after 354) keeps the session timeout."""
+        if self.transaction_idle is None or self.transport is None:
+            return
+        if self.in_transaction and not (isinstance(status, str) and status.startswith("354")):
+            if self.transaction_idle < self._timeout_duration:
+                self._reset_timeout(self.transaction_idle)
+                self._idle_armed = True
+        elif self._idle_armed:
+            self._idle_armed = False
+            self._reset_timeout()
+
+    def _timeout_cb(self) -> None:
+        if self._idle_armed and self.in_transaction and self.transport is not None:
+            self._writer.write(IDLE_IN_TRANSACTION)  # sent before the close below
+            self.event_handler.transaction_idle(self.session)
+        super()._timeout_cb()
 
     # RFC 2034 section 3: no enhanced codes in the replies to HELO and EHLO.
     _greeting_reply = False
