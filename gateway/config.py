@@ -47,6 +47,7 @@ class ServerConfig:
     hostname: str = "ecomm-gateway.localhost"
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 1000
+    max_received: int = 100
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_tls: bool = False
@@ -60,6 +61,8 @@ class ServerConfig:
             raise ConfigError(file, f"{prefix}.max_message_size", "must be at least 1024 bytes")
         if self.max_recipients < 1:
             raise ConfigError(file, f"{prefix}.max_recipients", "must be at least 1")
+        if self.max_received < 1:
+            raise ConfigError(file, f"{prefix}.max_received", "must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError(file, f"{prefix}.tls_key", "tls_cert and tls_key go together")
         if self.require_tls and self.tls_cert is None:

@@ -2,6 +2,7 @@
 
 from gateway.checks.attachments import Attachments
 from gateway.checks.base import ACCEPT, Check, Context, Deps, Stage, Verdict, defer, reject
+from gateway.checks.display_name import DisplayName
 from gateway.checks.identity import Identity
 from gateway.checks.large_audience import LargeAudience
 from gateway.checks.message_class import MessageClass
@@ -12,12 +13,12 @@ from gateway.checks.return_path import ReturnPath
 from gateway.checks.sender_auth import SenderAuth
 from gateway.checks.unsubscribe import Unsubscribe, UnsubscribeCoverage
 
-# Content controls (DATA): the class first (unsubscribe and later controls key on it), then the
-# cheap header checks, then the MIME walk.
+# Content controls (DATA): the From: display name (no parse needed), the class (unsubscribe and
+# later controls key on it), then the cheap header checks, then the MIME walk.
 CHECKS: tuple[type[Check], ...] = (Identity, Registration, ReturnPath,
                                    # a look at the rate budget: over it, 451 at MAIL already
                                    RateLimitAtMail,
-                                   MessageClass, Unsubscribe, Attachments,
+                                   DisplayName, MessageClass, Unsubscribe, Attachments,
                                    SenderAuth,  # SPF/DKIM/alignment: DNS, after the cheap ones
                                    # RFC 8058 4: the covering signature is valid (reuses
                                    # sender_auth's verified signatures)

@@ -16,6 +16,7 @@ from email.message import Message
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from gateway.config import CheckSettings
+from gateway.message.headers import Field, split
 from gateway.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ class Context:
     candidates: tuple[Sender, ...] = ()
     message: Message | None = None  # the whole MIME tree, parsed once (compat32) at DATA
     raw: bytes = b""  # the message as received, before the gateway's own headers
+    # its header fields, byte for byte, from the one canonical split (gateway.message.headers):
+    # what campus mail receives; ctx.message was parsed from the same, admitted, bytes
+    header_fields: tuple[Field, ...] = ()
     size: int = 0
     # transactional | educational | promotional, from the message-class header (set at DATA by
     # the message_class check); what later controls (unsubscribe, suppression, FERPA) key on
@@ -151,33 +155,19 @@ class Check:
 
 
 def header_fields(raw: bytes) -> list[tuple[str, str, list[bytes]]]:
-    """The header block of ``raw`` as (name, unfolded value, its lines) per field, in order."""
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        return []
-    fields: list[list[bytes]] = []
-    for line in raw[:end].split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1].append(line)
-        else:
-            fields.append([line])
-    out = []
-    for lines in fields:
-        name = lines[0].partition(b":")[0].decode("latin-1")
-        value = b"".join(lines)[len(name) + 1:].decode("latin-1")
-        out.append((name, value, lines))
-    return out
+    """The header block of ``raw`` as (name, unfolded value, its lines) per field, in order:
+    the one canonical split (gateway.message.headers), so ``raw`` must be a message the DATA
+    path admitted (HeaderError otherwise: nothing is ever guessed)."""
+    return [(f.name, f.unfolded(), (f.name.encode("ascii") + b":" + f.value).split(b"\r\n"))
+            for f in split(raw).fields]
 
 
 def strip_header_fields(raw: bytes, predicates: list[Callable[[str, str], bool]]) -> bytes:
     """``raw`` without the header fields (with their continuation lines) that any predicate
-    matches, given (name, unfolded value); everything else is kept byte for byte."""
-    end = raw.find(b"\r\n\r\n")
-    if not predicates or end < 0:
+    matches, given (name, unfolded value); everything else is kept byte for byte. Fields are
+    those of the one canonical split (gateway.message.headers), as in :func:`header_fields`."""
+    if not predicates:
         return raw
-    fields = header_fields(raw)
-    kept = [b"\r\n".join(lines) for name, value, lines in fields
-            if not any(p(name, value) for p in predicates)]
-    if len(kept) == len(fields):
-        return raw
-    return b"\r\n".join(kept) + raw[end:] if kept else raw[end + 2:]
+    block = split(raw)
+    kept = [f for f in block.fields if not any(p(f.name, f.unfolded()) for p in predicates)]
+    return raw if len(kept) == len(block.fields) else block.assemble(kept)

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.checks.auth_results import claims
-from gateway.checks.base import Context, Stage, reject, strip_header_fields
+from gateway.checks.base import Context, Stage, Verdict, reject, strip_header_fields
 from gateway.checks.identity import identify
 from gateway.checks.pipeline import Outcome
 from gateway.engine import message
 from gateway.engine.decisions import Decisions
 from gateway.engine.transaction import Client, RcptDecision, Result, Transaction
+from gateway.message.intake import admit
 from gateway.quarantine import item_for
 from gateway.smtp.address import AddressError, DomainSet, parse_mailbox
 from gateway.smtp.replies import Reply
@@ -141,19 +142,28 @@ class Engine:
         ctx, outcome = txn.ctx, txn.outcome
         ctx.size = len(content)
         ctx.raw = content
-        try:
-            if self.pipeline.needs_message(Stage.DATA, ctx):
-                ctx.message = await self.parse(content)
-        except RecursionError:  # pathological nesting: the stdlib parser recurses per level
-            outcome.verdict = reject(550, "5.6.0", "Message structure is nested too deeply to "
-                                     "be parsed; flatten it", "mime_unparsable")
-            outcome.decided_by = "parser"
+        # one canonical header block, refused when readers could disagree, before any check;
+        # Authentication-Results claiming to be ours (forged, RFC 8601 5) already left out
+        admitted = admit(content, hostname=self.hostname,
+                         max_received=self.config.server.max_received)
+        if isinstance(admitted, Verdict):  # never parsed, never judged, never relayed
+            outcome.verdict, outcome.decided_by = admitted, "headers"
         else:
-            outcome = txn.outcome = await self.pipeline.run(Stage.DATA, ctx, outcome)
+            content = ctx.raw = admitted.content
+            ctx.header_fields = admitted.fields
+            try:
+                if self.pipeline.needs_message(Stage.DATA, ctx):
+                    ctx.message = await self.parse(content)
+            except RecursionError:  # pathological nesting: the stdlib parser recurses per level
+                outcome.verdict = reject(550, "5.6.0", "Message structure is nested too deeply "
+                                         "to be parsed; flatten it", "mime_unparsable")
+                outcome.decided_by = "parser"
+            else:
+                outcome = txn.outcome = await self.pipeline.run(Stage.DATA, ctx, outcome)
         verdict = outcome.verdict
-        # Authentication-Results claiming to be ours are forged (RFC 8601 5), whatever checks ran
+        # (a front that edits fields in place, the milter, removes the forged ones too)
         strip = [claims(self.hostname), *ctx.strip_headers]
-        content = strip_header_fields(content, strip)
+        content = strip_header_fields(content, ctx.strip_headers)
         result = Result("relay", txn, headers=list(outcome.headers), content=content, strip=strip)
         if outcome.drop and verdict.action in ("accept", "quarantine"):
             kept = [r for r in ctx.recipients if r not in outcome.drop]

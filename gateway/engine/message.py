@@ -26,11 +26,13 @@ async def parse(content: bytes) -> Message:
 
 
 def message_id(ctx: Context) -> str:
-    """The Message-ID for the log: from the parsed message, or (when no check needed the
-    parse) found in the raw header block."""
-    if ctx.message is not None:
-        # str(): compat32 gives a Header object for a header with raw 8-bit bytes
-        return str(ctx.message.get("Message-ID", "")).strip()[:200]
+    """The Message-ID for the log: from the canonical header fields, or (a message refused
+    before they were split) found in the raw header block."""
+    for f in ctx.header_fields:
+        if f.is_("Message-ID"):
+            return f.value.replace(b"\r\n", b"").decode("utf-8", "replace").strip()[:200]
+    if ctx.header_fields:
+        return ""
     head = ctx.raw[:ctx.raw.find(b"\r\n\r\n") + 2] if ctx.raw else b""
     m = _MESSAGE_ID.search(head)
     return m.group(1).decode("utf-8", "replace").strip()[:200] if m else ""
