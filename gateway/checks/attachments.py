@@ -31,7 +31,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from email import errors
-from email.message import Message
+from email.message import Message, _parseparam  # the splitter the stdlib parse uses
 from email.utils import collapse_rfc2231_value
 from urllib.parse import unquote
 
@@ -65,6 +65,8 @@ _ENTITY = re.compile(rb"(?i)&(?:colon|tab|newline);|&#(?:0*(?:58|100|97|116|99|1
                      rb"|73|9|10|13)(?![0-9])|x0*(?:3a|64|61|74|63|69|44|41|54|43|49|9|a|d)"
                      rb"(?![0-9a-f]))")
 _SHOWN = 60  # characters of a file name or Content-ID quoted in a reply
+# An RFC 2231 parameter name: NAME, NAME* (extended), NAME*N or NAME*N* (section N).
+_PARAM_NAME = re.compile(r"([^*]*)(?:\*(0|[1-9][0-9]{0,2}))?(\*)?\Z")
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,34 @@ def _describe(entity: _Entity) -> str:
     return f"{entity.label} ({entity.ctype}, {shown})"
 
 
+def _param_problem(value: object) -> str | None:
+    """Why a Content-Type or Content-Disposition value's parameters could be read two ways
+    (RFC 2231), or None: a parameter given twice, both plain and extended (``boundary`` and
+    ``boundary*``), plain or extended next to sections, sections not numbered 0..n-1."""
+    forms: dict[str, list[str | None]] = {}
+    for item in list(_parseparam(str(value)))[1:]:
+        name = item.partition("=")[0].strip().lower()
+        if not name:
+            continue
+        m = _PARAM_NAME.match(name)
+        if m is None or not m.group(1):
+            return f'unreadable parameter name "{_clean(name)}"'
+        forms.setdefault(m.group(1), []).append(m.group(2))
+    for name, sections in forms.items():
+        numbered = sorted(int(n) for n in sections if n is not None)
+        if (len(sections) > 1 and None in sections) or numbered != list(range(len(numbered))):
+            return (f'parameter "{_clean(name)}" is given more than once or in more than one '
+                    "form (RFC 2231)")
+    return None
+
+
 def _structure_problem(part: Message, ctype: str) -> str | None:
     """Why the entity's headers or parse cannot be trusted, or None."""
+    for header in ("content-type", "content-disposition"):
+        value = part.get(header)
+        problem = None if value is None else _param_problem(value)
+        if problem is not None:
+            return f"{header.title()}: {problem}"
     for defect in part.defects:
         for kind, text in _HIDING_DEFECTS:
             if isinstance(defect, kind):
@@ -296,7 +324,9 @@ def inspect(message: Message, settings: AttachmentsSettings) -> Finding | None:
         body = _body(e.part)
         if body is None:
             return _malformed(e.label, "undecodable base64 in HTML")
-        body = _as_ascii_compatible(body, e.part.get_param("charset"))
+        charset = e.part.get_param("charset")  # RFC 2231 encoded or not
+        body = _as_ascii_compatible(body, None if charset is None
+                                    else collapse_rfc2231_value(charset))
         cids, data = _html_refs(body)
         if content_ids:
             referenced |= cids

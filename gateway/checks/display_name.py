@@ -8,7 +8,9 @@ Everything in the From: field but its address counts as shown text: the display 
 words (decoded one by one, so one undecodable word cannot hide another), after NFKC
 normalization (so a full-width or small commercial at is an at sign). Any address-like
 ``local@domain.tld`` in that text must be the field's own address (any of them, case
-insensitive). The field is read from the canonical header block (``ctx.header_fields``).
+insensitive); when the field has an ``<angle-addr>``, only those are its own addresses, so
+``president@univ.test <news@...>`` (invalid syntax, which lenient parsers read as two addresses)
+is refused too. The field is read from the canonical header block (``ctx.header_fields``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, reject
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
 _ATOM = r"[^\s<>()\[\]\",;:@\\]+"
 _ADDRESS = re.compile(rf"{_ATOM}@{_ATOM}(?:\.{_ATOM})+")
+_ANGLE_ADDR = re.compile(r"<([^<>]*@[^<>]*)>")
 _SHOWN = 60
 
 
@@ -66,9 +69,13 @@ def _printable(text: str) -> str:
 def foreign_address(value: bytes) -> tuple[str, str] | None:
     """(an address shown in the field, the field's own address) when the field shows an address
     that is not its own; None otherwise."""
-    own = {addr.lower() for _, addr in email.utils.getaddresses(
-        [value.replace(b"\r\n", b"").decode("latin-1")]) if addr}
-    for m in _ADDRESS.finditer(shown_text(value)):
+    text = shown_text(value)
+    # the field's own addresses: its angle-addrs when it has any (everything else is shown
+    # text, whatever a lenient parser makes of it), else its bare addr-specs
+    own = {a.strip().lower() for a in _ANGLE_ADDR.findall(text)} or {
+        addr.lower() for _, addr in email.utils.getaddresses(
+            [value.replace(b"\r\n", b"").decode("latin-1")]) if addr}
+    for m in _ADDRESS.finditer(text):
         found = m.group(0).strip(".").lower()
         if found not in own:
             return m.group(0), (sorted(own)[0] if own else "")
