@@ -17,7 +17,7 @@ problem), never repaired:
   top-level MIME-Version / Content-Type / Content-Transfer-Encoding / Content-Disposition:
   which one counts depends on the reader.
 
-:func:`split` works on the raw message; :func:`check_field` and :func:`check_unique` also
+:func:`split` (syntax) and :func:`check_unique` (repeated fields) work on the raw message; :func:`check_field` and :func:`check_unique` also
 work on fields given one by one (a milter front gets them from the MTA that way).
 """
 
@@ -138,8 +138,8 @@ def count(names: Iterable[str], name: str) -> int:
 
 def split(raw: bytes) -> HeaderBlock:
     """The header fields of ``raw`` with their exact bytes, and its body; HeaderError when the
-    block is not plain RFC 5322 syntax or repeats a single-occurrence field. ``assemble()`` of
-    the result is ``raw`` again, byte for byte."""
+    block is not plain RFC 5322 syntax (see :func:`check_unique` for repeated fields).
+    ``assemble()`` of the result is ``raw`` again, byte for byte."""
     if raw.startswith(CRLF):
         return HeaderBlock((), raw[2:], True)
     end = raw.find(b"\r\n\r\n")
@@ -174,9 +174,8 @@ def split(raw: bytes) -> HeaderBlock:
             raise HeaderError(f"A line in the header block is not a header field ({where})",
                               "header_bad_line")
         fields.append((m.group(1), [line[m.end():]]))
-    result = tuple(Field(name.decode("ascii"), CRLF.join(parts)) for name, parts in fields)
-    check_unique(f.name for f in result)
-    return HeaderBlock(result, body, separated)
+    return HeaderBlock(tuple(Field(name.decode("ascii"), CRLF.join(parts))
+                             for name, parts in fields), body, separated)
 
 
 def check_body(body: bytes) -> None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from gateway.checks.auth_results import claims
 from gateway.checks.base import Verdict, reject
-from gateway.message.headers import Field, HeaderBlock, HeaderError, check_body, count, split
+from gateway.message.headers import (Field, HeaderBlock, HeaderError, check_body, check_unique,
+                                     count, split)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ def admit(content: bytes, *, hostname: str, max_received: int) -> Admitted | Ver
     """The canonical message, or the refusal (a Verdict) when there is none."""
     try:
         block = split(content)
+        check_unique(f.name for f in block.fields)
         check_body(block.body)
     except HeaderError as exc:
         return refusal(exc)
