@@ -141,7 +141,7 @@ class Engine:
         """Run the DATA checks on the message as received and decide (see :class:`Result`)."""
         ctx, outcome = txn.ctx, txn.outcome
         ctx.size = len(content)
-        ctx.raw = content
+        ctx.raw = received = content
         # one canonical header block, refused when readers could disagree, before any check;
         # Authentication-Results claiming to be ours (forged, RFC 8601 5) already left out
         admitted = admit(content, hostname=self.hostname,
@@ -164,7 +164,8 @@ class Engine:
         # (a front that edits fields in place, the milter, removes the forged ones too)
         strip = [claims(self.hostname), *ctx.strip_headers]
         content = strip_header_fields(content, ctx.strip_headers)
-        result = Result("relay", txn, headers=list(outcome.headers), content=content, strip=strip)
+        result = Result("relay", txn, headers=list(outcome.headers), content=content, strip=strip,
+                        received=received)
         if outcome.drop and verdict.action in ("accept", "quarantine"):
             kept = [r for r in ctx.recipients if r not in outcome.drop]
             self.decisions.dropped(txn, outcome.drop, len(kept))

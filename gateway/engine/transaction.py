@@ -75,6 +75,9 @@ class Result:
     content: bytes = b""
     strip: list[Callable[[str, str], bool]] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)  # recipient -> "check:rule"
+    # the message as the front handed it, before the engine left out forged fields: what a
+    # front that edits in place (milter) still holds, so what removals() indexes
+    received: bytes = b""
 
     @property
     def outcome(self) -> Outcome:
@@ -83,4 +86,4 @@ class Result:
     def removals(self) -> list[tuple[str, int]]:
         """The header fields to remove as (name, 1-based index among the fields of that name),
         for a front that edits headers in place (milter SMFIR_CHGHEADER)."""
-        return field_positions(self.txn.ctx.raw, self.strip)
+        return field_positions(self.received or self.txn.ctx.raw, self.strip)
