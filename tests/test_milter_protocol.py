@@ -269,3 +269,71 @@ def test_edits_for_forged_results_come_before_the_insertions(gateways):
                             m.ChangeHeader(1, "Authentication-Results", b"")]
     assert isinstance(answers[-1], m.Continue)
     client.close()
+
+
+def test_both_fronts_in_one_process_share_state_and_metrics(gateways, logs):
+    gw = gateways.start('[server]\nlisten = ["127.0.0.1:0"]\nhostname = "gw.test"\n'
+                        '[milter]\nlisten = ["inet:127.0.0.1:0"]\n'
+                        '[limits]\nsender_rate = "2/minute"\n')
+    with gw.smtp() as smtp:
+        assert smtp.sendmail(FROM, ["alice@example.edu"], MESSAGE) == {}
+    client = MilterClient(address(gw))
+    client.open()
+    assert isinstance(client.message(FROM, ["alice@example.edu"], MESSAGE)[-1], m.Continue)
+    # one budget for the sender across both fronts: the third message is deferred by either
+    answers = client.message(FROM, ["alice@example.edu"], MESSAGE)
+    assert reply_text(answers[-1]).startswith("451 4.7.1 Sending rate of sender acme is "
+                                              "limited to 2/minute")
+    client.close()
+    assert gw.metric("gateway_messages_total", sender="acme", decision="accept",
+                     reason="relayed") == 2
+    assert [e["decision"] for e in logs.events("message")] == ["accept", "accept", "defer"]
+
+
+def test_gateway_serve_runs_a_milter_only_gateway(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "senders").mkdir()
+    (tmp_path / "senders" / "acme.toml").write_text(EXAMPLE_SENDER)
+    milter, admin = free_port(), free_port()
+    (tmp_path / "gateway.toml").write_text(
+        f'[server]\nlisten = []\nhostname = "gw.test"\n'
+        f'[milter]\nlisten = ["inet:127.0.0.1:{milter}"]\n'
+        f'[admin]\nlisten = "127.0.0.1:{admin}"\n[senders]\ndir = "senders"\n'
+        '[checks.sender_auth]\nmode = "off"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
+                             str(tmp_path / "gateway.toml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(root),
+                                                                    "PATH": "/usr/bin:/bin"})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.1)
+        client = MilterClient(("127.0.0.1", milter))
+        client.open()
+        assert isinstance(client.message(FROM, ["alice@example.edu"], MESSAGE)[-1], m.Continue)
+        client.close()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    [started] = [line for line in lines if line["event"] == "started"]
+    assert (started["smtp"], started["milter"], started["upstream"]) == (
+        [], [f"inet:127.0.0.1:{milter}"], None)
+    assert [line["decision"] for line in lines if line["event"] == "message"] == ["accept"]
+    assert not (tmp_path / "var" / "maildir").exists()  # no upstream opened
+    assert lines[-1]["event"] == "stopped"
