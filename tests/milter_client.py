@@ -69,9 +69,14 @@ class MilterClient:
             data += chunk
         return data
 
+    no_reply: tuple[type, ...] = ()  # events the gateway answers not (negotiated NR flags)
+
     def ask(self, *packets) -> m.Message | None:
-        """Send, then read the one answer."""
+        """Send, then read the one answer (a Continue, unread, for an event negotiated to take
+        no answer)."""
         self.send(*packets)
+        if len(packets) == 1 and isinstance(packets[0], self.no_reply):
+            return m.Continue()
         return self.read()
 
     def until_answer(self, *packets) -> list[m.Message]:
@@ -88,9 +93,14 @@ class MilterClient:
                                     m.TemporaryFailure, m.ReplyCode)):
                 return out
 
-    def open(self, ip: str = "127.0.0.1", helo: str = "client.test", **macros: str):
-        """Negotiate, connect from ``ip``, HELO; returns the negotiation answer."""
-        offer = self.ask(m.Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL))
+    def open(self, ip: str = "127.0.0.1", helo: str = "client.test",
+             protocol: m.ProtocolFlags = ALL_PROTOCOL, **macros: str):
+        """Negotiate (offering ``protocol``), connect from ``ip``, HELO; returns the
+        negotiation answer."""
+        offer = self.ask(m.Negotiate(6, ALL_ACTIONS, protocol))
+        flags = {m.ProtocolFlags.NR_HEADER: m.Header, m.ProtocolFlags.NR_BODY: m.Body,
+                 m.ProtocolFlags.NR_END_OF_HEADERS: m.EndOfHeaders}
+        self.no_reply = tuple(t for f, t in flags.items() if f & offer.protocol_flags)
         family = b"6" if ":" in ip else b"4"
         assert isinstance(self.ask(connect_packet(family, ip)), m.Continue)
         assert isinstance(self.ask(m.Helo(helo)), m.Continue)

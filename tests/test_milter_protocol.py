@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import stat
+
+import pytest
 import struct
 import time
 
@@ -51,7 +53,9 @@ def test_negotiation_asks_for_exactly_the_actions_it_uses(gateways):
     assert offer.action_flags == (m.ActionFlags.ADD_HEADERS | m.ActionFlags.CHANGE_HEADERS
                                   | m.ActionFlags.DELETE_RECIPIENT | m.ActionFlags.QUARANTINE)
     assert offer.protocol_flags == (m.ProtocolFlags.NO_UNKNOWN | m.ProtocolFlags.NO_DATA
-                                    | m.ProtocolFlags.HEADER_LEADING_SPACE)
+                                    | m.ProtocolFlags.HEADER_LEADING_SPACE
+                                    | m.ProtocolFlags.NR_HEADER | m.ProtocolFlags.NR_BODY
+                                    | m.ProtocolFlags.NR_END_OF_HEADERS)
     assert isinstance(client.message(FROM, ["alice@example.edu"], MESSAGE)[-1], m.Continue)
     client.close()
 
@@ -232,11 +236,16 @@ def test_a_stalled_mta_is_timed_out(gateways, logs):
     client.close()
 
 
-def test_body_over_max_message_size_is_refused_552(gateways, logs):
+@pytest.mark.parametrize("answers_each_chunk", [False, True])
+def test_body_over_max_message_size_is_refused_552(gateways, logs, answers_each_chunk):
     gw = gateways.start('[server]\nlisten = []\nhostname = "gw.test"\nmax_message_size = 4096\n'
                         '[milter]\nlisten = ["inet:127.0.0.1:0"]\n')
     client = MilterClient(address(gw))
-    client.open()
+    # an MTA that offers no "no reply" flags gets the refusal at the chunk that passes the
+    # limit; otherwise it comes at the end of the message
+    client.open(protocol=m.ProtocolFlags(0x1FFFFF & ~0xC0080) if answers_each_chunk
+                else m.ProtocolFlags(0x1FFFFF))
+    assert bool(client.no_reply) is not answers_each_chunk
     answers = client.message(FROM, ["alice@example.edu"], MESSAGE + b"x" * 5000, chunk=1000)
     assert reply_text(answers[-1]) == "552 5.3.4 Error: Too much mail data"
     assert logs.events("milter_message_too_big")[0]["limit"] == 4096

@@ -35,6 +35,14 @@ ACTIONS = (m.ActionFlags.ADD_HEADERS | m.ActionFlags.CHANGE_HEADERS
 # no DATA and unknown-command events; header values with their leading space (byte-exact)
 PROTOCOL = m.ProtocolFlags.NO_UNKNOWN | m.ProtocolFlags.NO_DATA
 LEADING_SPACE = m.ProtocolFlags.HEADER_LEADING_SPACE
+# No answer to each header field, the end of the headers and each body chunk (when the MTA
+# offers it): a message costs one round trip for its content instead of one per field and
+# chunk. Their refusals (too big) then wait for the end of the message.
+NO_REPLY = (m.ProtocolFlags.NR_HEADER | m.ProtocolFlags.NR_END_OF_HEADERS
+            | m.ProtocolFlags.NR_BODY)
+_NO_REPLY_EVENTS = {m.ProtocolFlags.NR_HEADER: m.Header,
+                    m.ProtocolFlags.NR_END_OF_HEADERS: m.EndOfHeaders,
+                    m.ProtocolFlags.NR_BODY: m.Body}
 
 TOO_BIG = Reply(552, "5.3.4", "Error: Too much mail data")
 FAMILY_REFUSED = Reply(554, "5.7.1", "Client address family is not IPv4 or IPv6; relaying "
@@ -58,12 +66,14 @@ class MilterSession:
         self.timeout = server.config.milter.timeout
         self.max_size = server.config.server.max_message_size
         self.leading_space = False
+        self.no_reply: tuple[type, ...] = ()  # events the MTA expects no answer to
         self.macros: dict[str, str] = {}
         self.ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.refused: Reply | None = None  # the connection's refusal (unknown family)
         self.helo = ""
         self.txn: Transaction | None = None
         self.deciding = False  # the end of a message is being decided
+        self.current = None  # the event being handled
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -111,6 +121,13 @@ class MilterSession:
     # --- events -------------------------------------------------------------------------------
 
     async def handle(self, event) -> list[m.Message]:
+        answer = await self._handle(event)
+        if isinstance(event, self.no_reply):
+            return []  # (a refusal is given at the end of the message)
+        return answer
+
+    async def _handle(self, event) -> list[m.Message]:
+        self.current = event
         match event:
             case m.Negotiate():
                 return [self._negotiate(event)]
@@ -133,6 +150,8 @@ class MilterSession:
             case m.Body():
                 return [self._body(bytes(event.content))]
             case m.EndOfMessage():
+                if self.too_big:  # passed the limit in a chunk that took no answer
+                    return [self._too_big()]
                 if event.content:
                     answer = self._body(bytes(event.content))
                     if not isinstance(answer, m.Continue):
@@ -154,7 +173,10 @@ class MilterSession:
         if missing:
             raise wire.BadPacket(f"the MTA does not offer the actions {missing!r}")
         self.leading_space = bool(offer.protocol_flags & LEADING_SPACE)
-        return m.Negotiate(6, ACTIONS, (PROTOCOL | LEADING_SPACE) & offer.protocol_flags)
+        self.no_reply = tuple(event for flag, event in _NO_REPLY_EVENTS.items()
+                              if flag & offer.protocol_flags)
+        return m.Negotiate(6, ACTIONS,
+                           (PROTOCOL | LEADING_SPACE | NO_REPLY) & offer.protocol_flags)
 
     def _connect(self, event: wire.Connect) -> m.Message:
         if event.address is None:
@@ -224,6 +246,7 @@ class MilterSession:
         return m.Continue()
 
     def _add(self, data: bytes) -> bool:
+        """Count ``data`` against max_message_size; False (and nothing kept) past it."""
         self.size += len(data)
         if self.size > self.max_size:
             self.too_big = True
@@ -251,6 +274,8 @@ class MilterSession:
         return m.Continue()
 
     def _too_big(self) -> m.Message:
+        if isinstance(self.current, self.no_reply):  # answered at the end of the message
+            return m.Continue()
         log.info("milter_message_too_big", session=self.id, queue_id=self.txn.queue_id,
                  limit=self.max_size)
         self.txn = None
