@@ -412,3 +412,13 @@ def test_large_audience_is_deferred_in_business_hours(start, mta, relay_sink, tm
                                    "15000 university addresses (20000 declared in "
                                    "X-Audience-Size)")
     assert mta.queue() == [] and relay_sink.messages == []
+
+
+def test_the_canonical_header_check_judges_the_fields_postfix_hands_over(start, mta, relay_sink,
+                                                                        tmp_path):
+    start()
+    raw = MESSAGE.replace(b"To: Alice", b"From: Other <other@em.acme.example>\r\nTo: Alice")
+    replies = swaks(mta, tmp_path, data=raw)
+    assert replies["."] == ("550 5.6.0 The message has 2 From fields; at most one is allowed "
+                            "(RFC 5322 3.6)")
+    assert mta.queue() == [] and relay_sink.messages == []
