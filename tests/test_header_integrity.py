@@ -323,3 +323,17 @@ def test_rfc2231_boundary_and_file_name_are_decoded(raw, sink):
         b'name "resum.pdf") carries a file name; put the file on a web server and link to it'
         b"\r\n")
     assert sink.messages == []
+
+
+# --- the gateway's own fields ---------------------------------------------------------------
+
+def test_client_bytes_in_the_helo_name_do_not_reach_the_gateways_received_field(gw, sink):
+    client = RawSMTP(gw.port)
+    try:
+        assert client.command(b"EHLO a\x00b\x1b[31m\x7f x").startswith(b"250-")
+        assert client.send(MESSAGE).startswith(b"250 2.0.0 Ok: queued as SINK1")
+    finally:
+        client.close()
+    fields, _ = split_fields(sink.messages[0].content)
+    assert fields[0].startswith(b"Received: from a?b?[31m??x ([127.0.0.1])\r\n\tby gw.test ")
+    assert fields[1:] == split_fields(MESSAGE)[0]

@@ -20,11 +20,12 @@ import re
 from email.parser import BytesParser
 from email.policy import compat32
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.checks.auth_results import claims
-from gateway.message.headers import HeaderError, split
+from gateway.message.headers import HeaderError, check_unique, fields_of, split
 from tests.conftest import MESSAGE
 from tests.rawsmtp import REPLY_LINE, RawSMTP, install_recorder, on_wire, split_fields
 
@@ -266,3 +267,43 @@ def test_fuzz_mime_and_header_path(gateways, sink, logs):
     reasons = {line.get("reason") for line in logs.events("message")}
     assert "mime_unanalysable" not in reasons  # the attachments walk never crashed
     assert {b"250 2.0.0", b"550 5.6.0", b"550 5.7.1"} <= seen_codes  # every path was taken
+
+
+# --- the same rules for fields handed over one by one (a milter front) ----------------------
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(messages())
+def test_fields_one_by_one_are_judged_as_in_a_block(raw):
+    """A front that gets (name, value) pairs (LF-folded, as milters do) gets the same fields
+    and the same refusals as the split of the whole block."""
+    try:
+        block = split(raw)
+    except HeaderError:
+        return
+    pairs = [(f.name, f.value.replace(b"\r\n", b"\n")) for f in block.fields]
+    try:
+        check_unique(f.name for f in block.fields)
+    except HeaderError as exc:
+        with pytest.raises(HeaderError) as caught:
+            fields_of(pairs, eol=b"\n")
+        assert caught.value.text == exc.text
+    else:
+        assert fields_of(pairs, eol=b"\n") == block.fields
+
+
+@pytest.mark.parametrize("pairs,reason", [
+    ([("From ", b" a@b.example")], "header_space_before_colon"),
+    ([("X-A", b" a\rb")], "header_bare_newline"),
+    ([("X-A", b" a\r\nb")], "header_bare_newline"),  # with eol LF, the CR is bare
+    ([("X-A", b" a\n \n b")], "header_blank_continuation"),
+    ([("X-A", b" a\nb")], "header_bad_line"),
+    ([("X-A", b" a\0")], "header_nul"),
+    ([("X-\xe9", b" a")], "header_bad_name"),
+    ([("", b" a")], "header_bad_name"),
+    ([("From", b" a@b.example"), ("FROM", b" c@d.example")], "header_duplicate"),
+])
+def test_fields_one_by_one_refused(pairs, reason):
+    with pytest.raises(HeaderError) as caught:
+        fields_of(pairs, eol=b"\n")
+    assert caught.value.reason == reason and (caught.value.code, caught.value.enhanced) == (
+        550, "5.6.0")

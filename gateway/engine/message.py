@@ -43,6 +43,8 @@ def received(ctx: Context, hostname: str, queue_id: str, now: datetime) -> bytes
     proto = "ESMTP" + ("S" if ctx.tls else "") + ("A" if ctx.auth_user else "")
     only = f"\r\n\tfor <{ctx.recipients[0]}>" if len(ctx.recipients) == 1 else ""
     date = email.utils.format_datetime(now)
-    helo = (ctx.helo or "unknown").replace("\r", "").replace("\n", "")[:255]
+    # the client's HELO name goes into a field of the gateway's own: printable ASCII only (a
+    # NUL, an escape or an 8-bit byte from the client would be the gateway's to answer for)
+    helo = "".join(c if "!" <= c <= "~" else "?" for c in (ctx.helo or "unknown")[:255])
     return (f"Received: from {helo} ([{ctx.client_ip}])\r\n\tby {hostname} "
             f"(ecomm-gateway) with {proto} id {queue_id}{only};\r\n\t{date}\r\n").encode()
