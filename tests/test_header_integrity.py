@@ -337,3 +337,16 @@ def test_client_bytes_in_the_helo_name_do_not_reach_the_gateways_received_field(
     fields, _ = split_fields(sink.messages[0].content)
     assert fields[0].startswith(b"Received: from a?b?[31m??x ([127.0.0.1])\r\n\tby gw.test ")
     assert fields[1:] == split_fields(MESSAGE)[0]
+
+
+def test_a_big_message_is_checked_the_same_way(raw, sink):
+    """Over 256 KB the checks run in a worker thread (gateway.engine.Engine.admit)."""
+    lines = b"".join(b"line %06d of a long newsletter, nothing to see\r\n" % i
+                     for i in range(8000))
+    assert len(lines) > 256 * 1024
+    bare = lines[:-300] + b"a bare\nLF" + lines[-300:]
+    assert raw.send(with_lines(body=bare)) == refused(
+        b"Bare CR or LF in the message body; lines must end with CRLF (RFC 5321 2.3.8)")
+    assert sink.messages == []
+    assert raw.send(with_lines(body=lines)).startswith(b"250 2.0.0 Ok: queued as SINK1")
+    assert sink.messages[0].content.endswith(b"\r\n\r\n" + lines)

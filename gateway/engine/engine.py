@@ -4,6 +4,7 @@ decision log and metrics for all of it. Fronts call it; it never talks to a clie
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -137,6 +138,14 @@ class Engine:
     async def parse(self, content: bytes):
         return await message.parse(content)
 
+    async def admit(self, content: bytes):
+        """The canonical message or its refusal (gateway.message.intake); a big message is
+        checked in a worker thread (about 9 ms of CPU per MB), like its parse."""
+        args = {"hostname": self.hostname, "max_received": self.config.server.max_received}
+        if len(content) <= message.PARSE_INLINE_MAX:
+            return admit(content, **args)
+        return await asyncio.to_thread(admit, content, **args)
+
     async def content(self, txn: Transaction, content: bytes) -> Result:
         """Run the DATA checks on the message as received and decide (see :class:`Result`)."""
         ctx, outcome = txn.ctx, txn.outcome
@@ -144,8 +153,7 @@ class Engine:
         ctx.raw = received = content
         # one canonical header block, refused when readers could disagree, before any check;
         # Authentication-Results claiming to be ours (forged, RFC 8601 5) already left out
-        admitted = admit(content, hostname=self.hostname,
-                         max_received=self.config.server.max_received)
+        admitted = await self.admit(content)
         if isinstance(admitted, Verdict):  # never parsed, never judged, never relayed
             outcome.verdict, outcome.decided_by = admitted, "headers"
         else:
