@@ -211,17 +211,19 @@ def leaf(draw) -> bytes:
     return head + b"\r\n" + draw(BODY_TEXT) + b"\r\n"
 
 
+@st.composite
+def _multipart(draw, children: st.SearchStrategy[bytes]) -> bytes:
+    boundary = draw(st.sampled_from([b"B", b"B1", b"=_x", b"B--"]))
+    kind = draw(st.sampled_from([b"mixed", b"alternative", b"related"]))
+    parts = draw(st.lists(children, max_size=3))
+    body = b"".join(b"--" + boundary + b"\r\n" + p for p in parts)
+    closing = draw(st.sampled_from([b"--" + boundary + b"--\r\n", b""]))
+    return (b"Content-Type: multipart/" + kind + b"; boundary=\"" + boundary + b"\"\r\n\r\n"
+            + draw(st.sampled_from([b"", b"preamble\r\n"])) + body + closing)
+
+
 def multipart(children: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
-    @st.composite
-    def build(draw) -> bytes:
-        boundary = draw(st.sampled_from([b"B", b"B1", b"=_x", b"B--"]))
-        kind = draw(st.sampled_from([b"mixed", b"alternative", b"related"]))
-        parts = draw(st.lists(children, max_size=3))
-        body = b"".join(b"--" + boundary + b"\r\n" + p for p in parts)
-        closing = draw(st.sampled_from([b"--" + boundary + b"--\r\n", b""]))
-        return (b"Content-Type: multipart/" + kind + b"; boundary=\"" + boundary + b"\"\r\n\r\n"
-                + draw(st.sampled_from([b"", b"preamble\r\n"])) + body + closing)
-    return build()
+    return _multipart(children)
 
 
 ENTITIES = st.recursive(leaf(), multipart, max_leaves=6)
