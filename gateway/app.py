@@ -21,6 +21,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config, parse_hostport
 from gateway.dns import Resolver
 from gateway.engine import Engine
+from gateway.engine.sessions import SessionCounts
 from gateway.flags import open_flags
 from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
@@ -83,13 +84,16 @@ class Gateway:
                                  observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
         self.engine = Engine(config=cfg, registry=self.registry, pipeline=self.pipeline,
                              clock=self.clock, maillog=self.maillog, metrics=self.metrics)
+        # sessions per IP and per sender, counted across both fronts
+        self.counts = SessionCounts(cfg.limits, self.metrics)
         self.handler = Handler(engine=self.engine, config=cfg, registry=self.registry,
                                upstream=self.upstream, maillog=self.maillog,
                                metrics=self.metrics, adaptive=self.adaptive, store=self.store,
-                               arc=self._arc_sealer()) \
+                               arc=self._arc_sealer(), counts=self.counts) \
             if self.upstream is not None else None
         self.milter = MilterServer(config=cfg, engine=self.engine, maillog=self.maillog,
-                                   metrics=self.metrics) if cfg.milter.listen else None
+                                   metrics=self.metrics, counts=self.counts) \
+            if cfg.milter.listen else None
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None

@@ -422,3 +422,28 @@ def test_the_canonical_header_check_judges_the_fields_postfix_hands_over(start, 
     assert replies["."] == ("550 5.6.0 The message has 2 From fields; at most one is allowed "
                             "(RFC 5322 3.6)")
     assert mta.queue() == [] and relay_sink.messages == []
+
+
+def test_sessions_per_sender_counts_postfix_sessions_and_releases_them(start, mta):
+    start("[limits]\nsessions_per_sender = 1\n")
+
+    def session():
+        client = smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=60)
+        client.ehlo("client.test")
+        return client
+
+    first = session()
+    assert first.mail(FROM)[0] == 250
+    second = session()
+    assert second.mail(FROM) == (421, b"4.7.0 Too many concurrent sessions for sender acme "
+                                      b"(at most 1); try again later")
+    second.close()
+    first.quit()  # the first session ends: its count is released
+    wait_for(lambda: _mail_code(session()) == 250)
+
+
+def _mail_code(client) -> int:
+    try:
+        return client.mail(FROM)[0]
+    finally:
+        client.close()

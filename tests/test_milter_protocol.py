@@ -346,3 +346,21 @@ def test_gateway_serve_runs_a_milter_only_gateway(tmp_path):
     assert [line["decision"] for line in lines if line["event"] == "message"] == ["accept"]
     assert not (tmp_path / "var" / "maildir").exists()  # no upstream opened
     assert lines[-1]["event"] == "stopped"
+
+
+def test_sessions_per_ip_is_shared_with_the_smtp_front(gateways):
+    gw = gateways.start('[server]\nlisten = ["127.0.0.1:0"]\nhostname = "gw.test"\n'
+                        '[milter]\nlisten = ["inet:127.0.0.1:0"]\n'
+                        '[limits]\nsessions_per_ip = 1\n')
+    smtp = gw.smtp()  # one SMTP session from 127.0.0.1
+    client = MilterClient(address(gw))
+    client.ask(m.Negotiate(6, m.ActionFlags(0x1FF), m.ProtocolFlags(0x1FFFFF)))
+    assert reply_text(client.ask(connect_packet(b"4", "127.0.0.1"))) == (
+        "421 4.7.0 Too many sessions from [127.0.0.1] (at most 1); try again later")
+    client.close()
+    smtp.quit()
+    wait_for(lambda: gw.metric("gateway_sessions_active") == 0)
+    client = MilterClient(address(gw))
+    client.open()  # counted again from zero
+    client.close()
+    assert gw.metric("gateway_sessions_refused_total", cap="ip") == 1

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.config import parse_hostport
+from gateway.engine.sessions import SessionCounts
 from gateway.milter.session import MilterSession
 
 if TYPE_CHECKING:
@@ -24,8 +25,9 @@ log = structlog.get_logger("gateway.milter")
 
 class MilterServer:
     def __init__(self, *, config: Config, engine: Engine, maillog: MailLog,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, counts: SessionCounts | None = None) -> None:
         self.config = config
+        self.counts = counts or SessionCounts(config.limits, metrics)
         self.engine = engine
         self.maillog = maillog
         self.metrics = metrics

@@ -69,7 +69,8 @@ class MilterSession:
         self.no_reply: tuple[type, ...] = ()  # events the MTA expects no answer to
         self.macros: dict[str, str] = {}
         self.ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-        self.refused: Reply | None = None  # the connection's refusal (unknown family)
+        self.refused: Reply | None = None  # the connection's refusal (family, session cap)
+        self.sender: str | None = None  # the sender the session is counted against
         self.helo = ""
         self.txn: Transaction | None = None
         self.deciding = False  # the end of a message is being decided
@@ -112,6 +113,8 @@ class MilterSession:
             self._log_end(f"connection error: {exc.__class__.__name__}", stage)
         finally:
             self.txn = None  # nothing decided is kept; nothing was spent before the end
+            if self.ip is not None:
+                self.server.counts.closed(str(self.ip), self.sender)
 
     def _log_end(self, why: str, stage: str) -> None:
         log.warning("milter_session_ended", session=self.id, reason=why, stage=stage,
@@ -188,7 +191,8 @@ class MilterSession:
             ip = ip.ipv4_mapped
         self.ip = ip
         self.server.maillog.connected(self.id, str(ip))
-        return m.Continue()
+        self.refused = self.server.counts.opened(str(ip))
+        return reply_code(self.refused) if self.refused else m.Continue()
 
     def _refusal(self) -> m.Message | None:
         if self.refused is not None:
@@ -224,6 +228,12 @@ class MilterSession:
         txn = await self.engine.mail(client, mail_from, options)
         if txn.reply is not None:
             return reply_code(txn.reply)
+        if txn.ctx.sender is not None:
+            refused = self.server.counts.claim(self.sender, txn.ctx.sender.id)
+            self.sender = txn.ctx.sender.id
+            if refused is not None:
+                return reply_code(self.engine.refuse(txn, "defer", "sender_sessions", refused,
+                                                     stage="mail", decided_by="limits"))
         self.txn = txn
         return m.Continue()
 

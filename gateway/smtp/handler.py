@@ -15,7 +15,7 @@ import hmac
 import ipaddress
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ import structlog
 from aiosmtpd.smtp import LoginPassword
 
 from gateway.engine import Client, Engine, Transaction
+from gateway.engine.sessions import SessionCounts
 from gateway.passwords import hash_password, verify_password
 from gateway.relay.base import Transaction as UpstreamTransaction
 from gateway.relay.base import Upstream, UpstreamError
@@ -59,7 +60,7 @@ class Handler:
     def __init__(self, *, engine: Engine, config: Config, registry: Registry,
                  upstream: Upstream, maillog: MailLog, metrics: Metrics,
                  adaptive: AdaptiveRate | None = None, store: Store | None = None,
-                 arc: ArcSealer | None = None) -> None:
+                 arc: ArcSealer | None = None, counts: SessionCounts | None = None) -> None:
         self.engine = engine
         self.arc = arc  # [arc]: seal what is relayed (gateway.arc)
         self.config = config
@@ -69,8 +70,8 @@ class Handler:
         self.metrics = metrics
         self.adaptive = adaptive
         self.limits = config.limits
-        self._per_ip: Counter[str] = Counter()  # open sessions, this process
-        self._per_sender: Counter[str] = Counter()
+        # per IP and per sender, shared with the other fronts of the process
+        self.counts = counts or SessionCounts(config.limits, metrics)
         self._tasks: set[asyncio.Task] = set()
         self._auth_cache: OrderedDict[bytes, str] = OrderedDict()
         self._auth_cache_key = secrets.token_bytes(32)
@@ -90,43 +91,20 @@ class Handler:
         self.metrics.sessions.inc()
         self.metrics.connections.inc()
         self.maillog.connected(session.gateway_id, ip)
-        self._per_ip[ip] += 1
         refused = self.guard.opened(ip)  # the gateway-wide cap, before anything else
-        if refused is not None:
-            return refused
-        if self._per_ip[ip] > self.limits.sessions_per_ip:
-            self.metrics.sessions_refused.labels("ip").inc()
-            return Reply(421, "4.7.0", f"Too many sessions from [{ip}] "
-                                       f"(at most {self.limits.sessions_per_ip}); try again later")
-        return None
+        over = self.counts.opened(ip, check=refused is None)
+        return refused or over
 
     def session_closed(self, session) -> None:
         self.metrics.sessions.dec()
         self.guard.closed()
-        ip = self._ip_text(session)
-        self._per_ip[ip] -= 1
-        if self._per_ip[ip] <= 0:
-            del self._per_ip[ip]
-        sender = getattr(session, "gateway_sender", None)
-        if sender is not None:
-            self._per_sender[sender] -= 1
-            if self._per_sender[sender] <= 0:
-                del self._per_sender[sender]
+        self.counts.closed(self._ip_text(session), getattr(session, "gateway_sender", None))
 
     def _claim_sender_session(self, session, sender_id: str) -> Reply | None:
         """Count the session against its sender at its first identified MAIL."""
-        if session.gateway_sender == sender_id:
-            return None
-        if session.gateway_sender is not None:  # (AUTH cannot change; IP identification can)
-            self._per_sender[session.gateway_sender] -= 1
+        refused = self.counts.claim(session.gateway_sender, sender_id)
         session.gateway_sender = sender_id
-        self._per_sender[sender_id] += 1
-        if self._per_sender[sender_id] > self.limits.sessions_per_sender:
-            self.metrics.sessions_refused.labels("sender").inc()
-            return Reply(421, "4.7.0", f"Too many concurrent sessions for sender {sender_id} "
-                                       f"(at most {self.limits.sessions_per_sender}); "
-                                       "try again later")
-        return None
+        return refused
 
     def transaction_dropped(self, session, relayed: Relayed) -> asyncio.Task:
         """The client left the transaction (RSET, EHLO, QUIT, disconnect, refused DATA)."""
