@@ -242,3 +242,14 @@ async def test_scrypt_verifications_run_at_most_auth_concurrency_at_once():
     assert running == 2  # the other three wait their turn
     release.set()
     assert all(v.ok for v in await asyncio.gather(*tasks)) and peak == 2
+
+
+def test_auth_login_failures_are_throttled_the_same_way(gateways, tls_files, logs):
+    gw = tls_gateway(gateways, tls_files)
+    with tls_session(gw) as c:
+        assert c.cmd(b"AUTH LOGIN") == b"334 VXNlciBOYW1lAA==\r\n"
+        assert c.cmd(base64.b64encode(b"acme-smtp")) == b"334 UGFzc3dvcmQA\r\n"
+        assert c.cmd(base64.b64encode(b"guess-1")) == INVALID
+        assert c.cmd(b"AUTH LOGIN " + base64.b64encode(b"acme-smtp")) == b"334 UGFzc3dvcmQA\r\n"
+        assert held(gw, gateways, base64.b64encode(b"guess-2"), c, 1.0) == INVALID
+    assert [e["delay"] for e in logs.events("auth_failed")] == [0.0, 1.0]
