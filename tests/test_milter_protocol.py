@@ -217,7 +217,8 @@ def test_mta_closing_while_the_answer_is_held_cancels_it_and_spends_nothing(gate
     second.close()  # Postfix gave up waiting
     wait_for(lambda: logs.events("milter_session_ended"))
     [line] = logs.events("milter_session_ended")
-    assert line["reason"] == "the MTA closed the connection while the message was being decided"
+    assert (line["reason"], line["in_transaction"]) == (
+        "the MTA closed the connection while the message was being decided", True)
     wait_for(lambda: clock.sleeping == 0)
     clock.advance(10)  # 65 s after the first: its budget is free again, and nothing else took it
     assert isinstance(first.message(FROM, ["alice@example.edu"], MESSAGE)[-1], m.Continue)

@@ -297,7 +297,8 @@ class MilterSession:
     async def _guarded_end_of_message(self) -> list[m.Message]:
         """Decide; if the MTA goes away meanwhile (it gave up waiting, or closed), cancel the
         decision: a held rate budget is then not taken, and no answer is owed."""
-        if self.txn is None:
+        txn = self.txn
+        if txn is None:
             return [reply_code(NEED_MAIL)]
         decide = asyncio.ensure_future(self._end_of_message())
         watch = asyncio.ensure_future(self.reader.read(1))
@@ -316,6 +317,7 @@ class MilterSession:
                 and watch.result():
             raise wire.BadPacket("a packet while the end of the message was being decided")
         if not decide.done() or decide.cancelled():
+            self.txn = txn  # (for the log line: it ends mid-transaction)
             raise Closed("the MTA closed the connection while the message was being decided")
         return decide.result()
 
