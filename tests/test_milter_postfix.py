@@ -447,3 +447,21 @@ def _mail_code(client) -> int:
         return client.mail(FROM)[0]
     finally:
         client.close()
+
+
+def test_rate_hold_delays_postfix_answer_within_max_hold(start, gateways, mta, relay_sink,
+                                                        tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gw = start('[limits]\nsender_rate = "1/minute"\nmax_hold = 10\n')
+    clock = gateways.clock
+    assert swaks(mta, tmp_path)["."].startswith("250 2.0.0")
+    clock.advance(55)  # budget frees in 5 s: within max_hold, so the answer is held
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(swaks, mta, tmp_path)
+        wait_for(lambda: clock.sleeping == 1)
+        assert not pending.done()  # Postfix is waiting for the gateway's answer
+        clock.advance(5)
+        assert pending.result(60)["."].startswith("250 2.0.0 Ok: queued as ")
+    assert len(delivered(relay_sink, 2)) == 2
+    assert gw.metric("gateway_rate_holds_total", sender="acme") == 1
