@@ -17,7 +17,7 @@ from kilter.protocol import messages as m
 
 from gateway.passwords import hash_password
 from tests.conftest import EXAMPLE_SENDER, MESSAGE
-from tests.milter_client import MilterClient, connect_packet, macro_packet, raw
+from tests.milter_client import MilterClient, connect_packet, raw
 
 FROM = "bounce-1@em.acme.example"
 
