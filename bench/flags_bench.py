@@ -127,6 +127,7 @@ url = "{state_url}"
 dir = "senders"
 [limits]
 sender_rate = "100000000/minute"
+allow_above_policy = true
 [logging]
 level = "info"
 [checks.sender_auth]

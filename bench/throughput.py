@@ -628,9 +628,9 @@ def write_gateway_config(directory: Path, sink_port: int, log_level: str, args,
         hash_key_file = "recipient-hash.key"
         """)
     # Rate limits and session caps raised so they never bind (the limiter code still runs).
-    limits = {"sender_rate": '"1000000/second"', "sessions_per_sender": max(1000, args.c),
-              "sessions_per_ip": max(1000, args.c), "sessions_total": max(1000, args.c),
-              "connection_rate": '"1000000/second"'}
+    limits = {"sender_rate": '"1000000/second"', "allow_above_policy": "true",
+              "sessions_per_sender": max(1000, args.c), "sessions_per_ip": max(1000, args.c),
+              "sessions_total": max(1000, args.c), "connection_rate": '"1000000/second"'}
     limits = {k: v for k, v in limits.items() if k in features["limits"]}
     if limits:
         text += "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())

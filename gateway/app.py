@@ -18,7 +18,7 @@ from gateway.checks import CHECKS
 from gateway.checks.base import Deps
 from gateway.checks.pipeline import Pipeline
 from gateway.clock import Clock, SystemClock
-from gateway.config import Config, parse_hostport
+from gateway.config import POLICY_SENDER_RATE, Config, parse_hostport
 from gateway.dns import Resolver
 from gateway.engine import Engine
 from gateway.engine.sessions import SessionCounts
@@ -158,7 +158,12 @@ class Gateway:
         site = web.TCPSite(self.admin_runner, host, port)
         await site.start()
         self.admin_address = site._server.sockets[0].getsockname()[:2]
-        log.info("started", smtp=[f"{h}:{p}" for h, p in self.smtp_addresses],
+        if self.config.limits.above_policy:
+            log.warning("above_policy", file=str(self.config.file),
+                        sender_rate=self.config.limits.sender_rate, policy=POLICY_SENDER_RATE,
+                        reason="[limits] allow_above_policy = true")
+        log.info("started", config=str(self.config.file),
+                 smtp=[f"{h}:{p}" for h, p in self.smtp_addresses],
                  milter=self.milter.addresses if self.milter is not None else [],
                  admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
                  upstream=self.upstream.description if self.upstream is not None else None,

@@ -10,11 +10,38 @@ import os
 import sys
 from pathlib import Path
 
+import structlog
+
 from gateway.config import Config, load_config
 from gateway.senders import Registry
 from gateway.typed import ConfigError
 
-DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "gateway.toml")
+from gateway import __version__
+
+# Where the configuration is looked for when --config is not given, in this order.
+SYSTEM_CONFIG = Path("/etc/ecomm-gateway/gateway.toml")
+CONFIG_HELP = ("configuration file (default: $GATEWAY_CONFIG, else ./gateway.toml, else "
+               f"{SYSTEM_CONFIG})")
+
+
+def locate_config(given: str | None, environ=os.environ, cwd: Path | None = None,
+                  system: Path = SYSTEM_CONFIG) -> tuple[Path, str]:
+    """The configuration file to use and where it was found: ``--config``, ``$GATEWAY_CONFIG``,
+    ``./gateway.toml``, ``/etc/ecomm-gateway/gateway.toml``, the first given or existing.
+
+    An explicit choice (option or variable) is used even if missing, so that its error names it.
+    """
+    if given:
+        return Path(given), "--config"
+    if environ.get("GATEWAY_CONFIG"):
+        return Path(environ["GATEWAY_CONFIG"]), "$GATEWAY_CONFIG"
+    local = (cwd or Path.cwd()) / "gateway.toml"
+    if local.is_file():
+        return local, "./gateway.toml"
+    if system.is_file():
+        return system, str(system)
+    raise ConfigError(local, "", f"no configuration found (looked for --config, "
+                                 f"$GATEWAY_CONFIG, ./gateway.toml, {system})")
 
 
 def _load(args) -> tuple[Config, Registry]:
@@ -32,6 +59,8 @@ def cmd_serve(args) -> int:
 
     config, _ = _load(args)
     configure_logging(config.logging.level, config.logging.format)
+    structlog.get_logger("gateway").info("configuration", file=str(config.file),
+                                         found_by=args.config_source)
     try:
         asyncio.run(serve(config))
     except FlagKeyMismatch as exc:
@@ -71,7 +100,8 @@ def cmd_senders_show(args) -> int:
            "description": sender.description, "networks": list(sender.networks),
            "domains": list(sender.domains), "return_path": list(sender.return_path),
            "expires": sender.expires.isoformat(), "classes": list(sender.classes),
-           "rate": sender.rate or None,
+           "rate": sender.rate or None, "recipient_rate": sender.recipient_rate or None,
+           "dkim_selectors": list(sender.dkim_selectors),
            "auth": {"username": sender.auth.username} if sender.auth else None,
            "checks": {k: v.mode for k, v in sender.checks.items()}, "file": str(sender.file)}
     print(json.dumps(out, indent=2))
@@ -94,7 +124,7 @@ def _toml_list(values) -> str:
 
 def cmd_senders_add(args) -> int:
     from gateway.passwords import generate_password, hash_password
-    from gateway.senders import Registry, load_sender
+    from gateway.senders import Registry, check_ceiling, load_sender
 
     config, registry = _load(args)
     directory = config.path(config.senders.dir)
@@ -112,6 +142,16 @@ def cmd_senders_add(args) -> int:
         f"return_path = {_toml_list(args.return_path)}",
         f"expires = {args.expires}",
     ]
+    if args.description:
+        lines.insert(4, f"description = {_toml_str(args.description)}")
+    if args.message_class:
+        lines.append(f"classes = {_toml_list(dict.fromkeys(args.message_class))}")
+    if args.rate:
+        lines.append(f"rate = {_toml_str(args.rate)}")
+    if args.recipient_rate:
+        lines.append(f"recipient_rate = {_toml_str(args.recipient_rate)}")
+    if args.dkim_selector:
+        lines.append(f"dkim_selectors = {_toml_list(args.dkim_selector)}")
     password = None
     if args.auth_username:
         password = generate_password()
@@ -121,6 +161,7 @@ def cmd_senders_add(args) -> int:
     tmp.write_text("\n".join(lines) + "\n")
     try:
         sender = load_sender(tmp, config.checks)
+        check_ceiling(sender, config.limits.ceiling)
         Registry([*registry.senders, sender])
     except ConfigError as exc:
         tmp.unlink()
@@ -311,40 +352,59 @@ def _date(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gateway.senders import MESSAGE_CLASSES
+
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
-    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG,
-                        help="configuration file (default: %(default)s, or $GATEWAY_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--config", "-c", default=None, help=CONFIG_HELP)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", default=argparse.SUPPRESS,
-                        help="configuration file (default: %s)" % DEFAULT_CONFIG)
-    sub = parser.add_subparsers(dest="command", required=True)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the gateway").set_defaults(func=cmd_serve)
     sub.add_parser("check-config", parents=[common], help="validate the configuration and "
                    "sender registry without serving").set_defaults(func=cmd_check_config)
     senders = sub.add_parser("senders", parents=[common], help="the sender registry"
-                             ).add_subparsers(dest="senders_command", required=True)
+                             ).add_subparsers(dest="senders_command", required=True,
+                                              metavar="SUBCOMMAND")
     senders.add_parser("list", parents=[common], help="list registered senders"
                        ).set_defaults(func=cmd_senders_list)
-    show = senders.add_parser("show", parents=[common], help="show one sender")
-    show.add_argument("id")
+    show = senders.add_parser("show", parents=[common], help="show one sender as JSON")
+    show.add_argument("id", help="the sender's id")
     show.set_defaults(func=cmd_senders_show)
     senders.add_parser("check", parents=[common], help="validate every sender file; non-zero "
                        "exit on error").set_defaults(func=cmd_senders_check)
     add = senders.add_parser("add", parents=[common],
                              help="register a sender (writes a validated file)")
-    add.add_argument("--id", required=True)
-    add.add_argument("--organization", required=True)
-    add.add_argument("--contact", required=True)
-    add.add_argument("--network", action="append", required=True, help="CIDR; repeat")
-    add.add_argument("--domain", action="append", required=True, help="repeat")
+    add.add_argument("--id", required=True, help="short unique id: lower-case letters, digits, "
+                     ". _ -")
+    add.add_argument("--organization", required=True, help="who sends (shown to administrators)")
+    add.add_argument("--contact", required=True, help="whom to contact about this sender")
+    add.add_argument("--description", help="what the sender sends, for administrators")
+    add.add_argument("--network", action="append", required=True,
+                     help="an originating network as a CIDR; repeat for each")
+    add.add_argument("--domain", action="append", required=True,
+                     help="a domain the sender may use (envelope, From:, DKIM d=); repeat")
     add.add_argument("--return-path", action="append", required=True,
                      help="pattern such as bounce-*@em.vendor.example; repeat")
-    add.add_argument("--expires", required=True, type=_date, help="YYYY-MM-DD")
+    add.add_argument("--expires", required=True, type=_date,
+                     help="last day of the policy exception, YYYY-MM-DD")
+    add.add_argument("--class", dest="message_class", action="append", choices=MESSAGE_CLASSES,
+                     help="a message class the sender may send; repeat (default: promotional)")
+    add.add_argument("--rate", type=_rate, help="its own message rate below [limits] "
+                     "sender_rate, e.g. 10/minute")
+    add.add_argument("--recipient-rate", type=_rate, help="its own recipients rate, e.g. "
+                     "2000/minute")
+    add.add_argument("--dkim-selector", action="append", help="a DKIM selector it signs with "
+                     "(checked by `senders verify`); repeat")
     add.add_argument("--auth-username", help="also create SMTP AUTH credentials, printed once")
     add.set_defaults(func=cmd_senders_add)
+    remove = senders.add_parser("remove", parents=[common], help="delete a sender's file")
+    remove.add_argument("id", help="the sender's id")
+    remove.set_defaults(func=cmd_senders_remove)
     throttle = sub.add_parser("throttle", parents=[common], help="run-time throttles, through "
                               "the running gateway's admin API").add_subparsers(
-        dest="throttle_command", required=True)
+        dest="throttle_command", required=True, metavar="SUBCOMMAND")
     tset = throttle.add_parser("set", parents=[common], help="lower a sender's rate (or the "
                                "gateway-wide one, target 'global') without a restart")
     tset.add_argument("target", help="a sender id, or 'global'")
@@ -355,27 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
     throttle.add_parser("list", parents=[common], help="throttles in force"
                         ).set_defaults(func=cmd_throttle_list)
     tclear = throttle.add_parser("clear", parents=[common], help="remove a throttle")
-    tclear.add_argument("target")
+    tclear.add_argument("target", help="a sender id, or 'global'")
     tclear.set_defaults(func=cmd_throttle_clear)
-    remove = senders.add_parser("remove", parents=[common], help="delete a sender's file")
-    remove.add_argument("id")
-    remove.set_defaults(func=cmd_senders_remove)
     quarantine = sub.add_parser("quarantine", parents=[common], help="messages kept in the "
                                 "quarantine (not relayed)").add_subparsers(
-        dest="quarantine_command", required=True)
+        dest="quarantine_command", required=True, metavar="SUBCOMMAND")
     quarantine.add_parser("list", parents=[common], help="list quarantined messages"
                           ).set_defaults(func=cmd_quarantine_list)
     qshow = quarantine.add_parser("show", parents=[common], help="envelope, decision and "
                                   "header of one message")
-    qshow.add_argument("id")
+    qshow.add_argument("id", help="the quarantine id (from list)")
     qshow.add_argument("--body", action="store_true", help="also print the body")
     qshow.set_defaults(func=cmd_quarantine_show)
     qrelease = quarantine.add_parser("release", parents=[common], help="relay to campus mail "
                                      "with the original envelope, then remove")
-    qrelease.add_argument("id")
+    qrelease.add_argument("id", help="the quarantine id (from list)")
     qrelease.set_defaults(func=cmd_quarantine_release)
     qdelete = quarantine.add_parser("delete", parents=[common], help="remove without relaying")
-    qdelete.add_argument("id")
+    qdelete.add_argument("id", help="the quarantine id (from list)")
     qdelete.set_defaults(func=cmd_quarantine_delete)
     from gateway.flags_cli import add_parser as add_flags_parser
 
@@ -388,9 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if "config" in args and args.config:
-        args.config = Path(args.config)
     try:
+        args.config, args.config_source = locate_config(getattr(args, "config", None))
+        if args.config_source != "--config":  # say which file, when it was not named
+            print(f"gateway: configuration {args.config} (from {args.config_source})",
+                  file=sys.stderr)
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

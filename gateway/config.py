@@ -184,6 +184,9 @@ def _check_rate(file, key: str, text: str) -> None:
         raise ConfigError(file, key, str(exc)) from None
 
 
+POLICY_SENDER_RATE = "30/minute"  # policy IV.B.3.c.vi: the most one sender may send
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     sender_rate: str = "30/minute"
@@ -207,9 +210,16 @@ class LimitsConfig:
     adaptive_increase: float = 0.1
     adaptive_interval: float = 10.0
     adaptive_latency: float = 5.0
+    # A sender_rate above the policy's 30/minute is refused unless this is true (then the start
+    # logs a warning): the ceiling is the policy's, not a tuning knob.
+    allow_above_policy: bool = False
 
     def validate(self, file, prefix):
         _check_rate(file, f"{prefix}.sender_rate", self.sender_rate)
+        if self.above_policy and not self.allow_above_policy:
+            raise ConfigError(file, f"{prefix}.sender_rate", f"{self.sender_rate} is above the "
+                              f"policy's {POLICY_SENDER_RATE} (IV.B.3.c.vi); set [limits] "
+                              "allow_above_policy = true to mean it")
         for key in ("global_rate", "recipient_rate", "connection_rate"):
             if getattr(self, key):
                 _check_rate(file, f"{prefix}.{key}", getattr(self, key))
@@ -243,6 +253,13 @@ class LimitsConfig:
         from gateway.rates import Rate
 
         return Rate.parse(self.sender_rate)
+
+    @property
+    def above_policy(self) -> bool:
+        """sender_rate allows more than the policy's 30 messages a minute."""
+        from gateway.rates import Rate
+
+        return self.ceiling.per_second > Rate.parse(POLICY_SENDER_RATE).per_second
 
 
 @dataclass(frozen=True)

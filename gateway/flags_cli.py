@@ -102,8 +102,10 @@ def cmd_import(args) -> int:
         print(f"{args.file}:{line}: {reason}", file=sys.stderr)
     if len(rows.bad) > SHOWN_BAD:
         print(f"{args.file}: ... and {len(rows.bad) - SHOWN_BAD} more bad rows", file=sys.stderr)
-    if rows.bad and args.strict:
-        print(f"not imported: {len(rows.bad)} bad row(s) and --strict", file=sys.stderr)
+    if rows.bad and not args.skip_bad:
+        # the whole file is checked before anything changes: nothing half-imported
+        print(f"not imported: {len(rows.bad)} bad row(s); fix them, or --skip-bad to import "
+              "the others", file=sys.stderr)
         return 1
     if args.replace and not rows.addresses and not args.allow_empty:
         print(f"not imported: {args.file} has no address, and --replace would empty "
@@ -124,9 +126,11 @@ def cmd_import(args) -> int:
         else:
             added = await flags.add(name, members)
             print(f"{_describe(name)}: {added} added, {len(members) - added} already present")
+        if rows.header:
+            print(f"line {rows.header[0]} read as the header row ({rows.header[1]})")
         if rows.bad:
-            print(f"{len(rows.bad)} bad row(s) left out (listed above)")
-        return 1 if rows.bad else 0
+            print(f"{len(rows.bad)} bad row(s) left out (listed above, --skip-bad)")
+        return 0
 
     return _run(config, work)
 
@@ -224,13 +228,17 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument("--organization", help="an opt-out for this organization only")
 
     imp = flags.add_parser("import", parents=[common], help="load addresses from a CSV file")
-    imp.add_argument("--flag", required=True, choices=RULES)
-    imp.add_argument("file", help="CSV file: one address a row, or see --column")
-    imp.add_argument("--column", help="read this column of a CSV with a header row")
+    imp.add_argument("--flag", required=True, choices=RULES, help="the set to load into")
+    imp.add_argument("file", help="CSV file: one address a row (a first row without an "
+                     "address is a header row), or see --column")
+    imp.add_argument("--column", help="read this column of a CSV with a header row (default: "
+                     "the only column, or one named email, e-mail, mail or address)")
     imp.add_argument("--delimiter", default=",", help="field separator (default: ,)")
     imp.add_argument("--replace", action="store_true", help="the file is the whole set: swap "
                      "it in atomically (default: add to the set)")
-    imp.add_argument("--strict", action="store_true", help="import nothing if a row is bad")
+    imp.add_argument("--skip-bad", action="store_true", help="import the good rows even if "
+                     "some are bad (default: a bad row imports nothing)")
+    imp.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the default now
     imp.add_argument("--allow-empty", action="store_true",
                      help="with --replace, accept a file without addresses (empties the set)")
     imp.add_argument("--max-shrink", type=float, default=50.0, metavar="PERCENT",
@@ -242,13 +250,14 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
     rem = flags.add_parser("remove", parents=[common], help="take addresses out of a set")
     rem.add_argument("--flag", required=True, choices=KINDS,
-                     help="unsubscribed: an opt-out the gateway recorded (also its export row)")
-    rem.add_argument("address", nargs="+")
+                     help="the set; unsubscribed: an opt-out the gateway recorded (also its "
+                     "export row)")
+    rem.add_argument("address", nargs="+", help="an address to remove; several allowed")
     scoped(rem)
     rem.set_defaults(func=cmd_remove)
 
     chk = flags.add_parser("check", parents=[common], help="which flags an address carries")
-    chk.add_argument("address")
+    chk.add_argument("address", help="the address to look up")
     chk.set_defaults(func=cmd_check)
 
     flags.add_parser("list", parents=[common], help="the sets, their sizes, and the rule ids "

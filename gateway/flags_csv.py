@@ -13,6 +13,7 @@ Out: the opt-outs the gateway recorded, one a row, with a header row.
 from __future__ import annotations
 
 import csv
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
@@ -36,6 +37,16 @@ class Rows:
 
     addresses: list[str] = field(default_factory=list)
     bad: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    header: tuple[int, str] | None = None  # (line, column read) of a recognised header row
+
+
+# Column names read when a header row is recognised without --column.
+ADDRESS_COLUMNS = ("email", "e-mail", "email address", "email_address", "mail", "address")
+
+
+def _is_header(row: list[str]) -> bool:
+    """A first row in which no field could be an address is a header row (column names)."""
+    return not any("@" in f for f in row)
 
 
 def _rows(reader) -> Iterator[tuple[int, list[str]]]:
@@ -62,15 +73,32 @@ def read_addresses(fh: TextIO, column: str | None = None, delimiter: str = ",",
     out = Rows()
     rows = _rows(csv.reader(fh, delimiter=delimiter))
     index = None
+    first = next(rows, None)
     if column is not None:
-        header = next(rows, None)
-        if header is None:
+        if first is None:
             raise CSVFormatError(f"no header row naming the column {column!r}")
-        names = [n.strip().lower() for n in header[1]]
+        names = [n.strip().lower() for n in first[1]]
         if column.strip().lower() not in names:
-            raise CSVFormatError(f"line {header[0]}: no column {column!r} in the header "
+            raise CSVFormatError(f"line {first[0]}: no column {column!r} in the header "
                                  f"({', '.join(n for n in names if n) or 'empty'})")
         index = names.index(column.strip().lower())
+        first = None
+    elif first is not None and _is_header(first[1]):
+        names = [n.strip().lower() for n in first[1]]
+        present = [n for n in names if n]
+        if len(present) == 1:
+            column = present[0]
+        else:
+            column = next((n for n in ADDRESS_COLUMNS if n in names), None)
+            if column is None:
+                raise CSVFormatError(
+                    f"line {first[0]}: a header row ({', '.join(present)}) without an address "
+                    f"column ({', '.join(ADDRESS_COLUMNS)}); --column NAME names it")
+        index = names.index(column)
+        out.header = (first[0], column)
+        first = None
+    if first is not None:
+        rows = itertools.chain([first], rows)
     for line, row in rows:
         if index is None:
             values = [f for f in row if f.strip()]

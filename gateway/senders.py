@@ -21,6 +21,8 @@ from gateway.smtp.address import valid_domain
 from gateway.typed import ConfigError, build
 
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+_SELECTOR = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                       r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 
 # Message classes (policy IV.C.1): what a message declares in its message-class header.
 MessageClass = Literal["transactional", "educational", "promotional"]
@@ -57,6 +59,8 @@ class Sender:
     # A recipients-per-period limit for this sender, e.g. "2000/minute" (stricter of this and
     # [limits] recipient_rate applies).
     recipient_rate: str = ""
+    # The DKIM selectors the sender signs with, for `gateway senders verify` (onboarding).
+    dkim_selectors: tuple[str, ...] = ()
     auth: SenderAuth | None = None
     file: Path | None = field(default=None, compare=False, metadata={"toml": False})
     checks: dict[str, CheckSettings] = field(default_factory=dict, compare=False,
@@ -99,6 +103,10 @@ class Sender:
                                                f"({', '.join(MESSAGE_CLASSES)})")
         if len(set(self.classes)) != len(self.classes):
             raise ConfigError(file, "classes", "lists a message class more than once")
+        for i, sel in enumerate(self.dkim_selectors):
+            if not _SELECTOR.match(sel):
+                raise ConfigError(file, f"dkim_selectors[{i}]", f"{sel!r} is not a DKIM "
+                                  "selector (dot-separated labels of letters, digits, -, _)")
         if not self.return_path:
             raise ConfigError(file, "return_path", "needs at least one pattern")
         patterns = []
@@ -211,8 +219,13 @@ def load_registry(directory: Path, base_checks: dict[str, CheckSettings] | None 
         raise ConfigError(directory, "", "sender directory not found")
     senders = [load_sender(p, base_checks) for p in sorted(directory.glob("*.toml"))]
     for s in senders:
-        own = s.own_rate
-        if ceiling is not None and own is not None and own.per_second > ceiling.per_second:
-            raise ConfigError(s.file, "rate", f"{s.rate} exceeds the policy ceiling "
-                                              f"[limits] sender_rate = {ceiling}")
+        check_ceiling(s, ceiling)
     return Registry(senders)
+
+
+def check_ceiling(sender: Sender, ceiling) -> None:
+    """A sender's own ``rate`` may not exceed ``ceiling`` ([limits] sender_rate)."""
+    own = sender.own_rate
+    if ceiling is not None and own is not None and own.per_second > ceiling.per_second:
+        raise ConfigError(sender.file or "<registry>", "rate", f"{sender.rate} exceeds the policy "
+                          f"ceiling [limits] sender_rate = {ceiling}")

@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = [sys.executable, "-m", "gateway"]
 
 
-def run(*args, cwd=None, check=False):
+def run(*args, cwd=None, check=False, env=None):
+    environ = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
     proc = subprocess.run([*GATEWAY, *args], capture_output=True, text=True, cwd=cwd, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**environ, "PYTHONPATH": str(ROOT), **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -207,3 +208,147 @@ def test_serve_refuses_to_start_with_one_line_when_the_port_is_taken(confdir):
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: {confdir / 'gateway.toml'}: cannot start: ")
     assert "address already in use" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version():
+    from gateway import __version__
+
+    proc = run("--version", check=True)
+    assert proc.stdout == f"gateway {__version__}\n"
+
+
+def _walk(parser, path=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                yield (*path, name), "(command)", helps.get(name)
+                yield from _walk(child, (*path, name))
+        else:
+            yield path, "/".join(action.option_strings) or action.dest, action.help
+
+
+def test_every_command_and_option_has_help():
+    import argparse
+
+    from gateway.cli import build_parser
+
+    seen = list(_walk(build_parser()))
+    missing = [(" ".join(p), name) for p, name, text in seen
+               if not text or (text == argparse.SUPPRESS and name != "--strict")]
+    assert missing == []
+    commands = {" ".join(p) for p, name, _ in seen if name == "(command)"}
+    assert {"serve", "check-config", "senders add", "flags import", "throttle set",
+            "quarantine release"} <= commands
+    # and argparse renders each (a bad format string in a help text would raise here)
+    for path in commands:
+        proc = run(*path.split(), "--help", check=True)
+        assert proc.stdout.startswith("usage: gateway ")
+
+
+def test_config_is_found_in_order_and_named(confdir, tmp_path_factory):
+    from gateway.cli import locate_config
+
+    listed = run("senders", "list", cwd=confdir.path)  # ./gateway.toml
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == f"gateway: configuration {confdir / 'gateway.toml'} (from ./gateway.toml)\n"
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    other = elsewhere / "other.toml"
+    other.write_text((confdir / "gateway.toml").read_text().replace(
+        'dir = "senders"', f'dir = "{confdir / "senders"}"'))
+    by_env = run("check-config", cwd=confdir.path, env={"GATEWAY_CONFIG": str(other)})
+    assert by_env.returncode == 0, by_env.stderr
+    assert by_env.stderr == f"gateway: configuration {other} (from $GATEWAY_CONFIG)\n"
+    assert by_env.stdout.startswith(f"{other}: OK")
+    given = run("check-config", "--config", str(confdir / "gateway.toml"), cwd=elsewhere,
+                env={"GATEWAY_CONFIG": str(other)})
+    assert given.stderr == "" and given.stdout.startswith(f"{confdir / 'gateway.toml'}: OK")
+    from gateway.typed import ConfigError
+
+    system = elsewhere / "etc-gateway.toml"
+    with pytest.raises(ConfigError) as err:
+        locate_config(None, {}, cwd=elsewhere, system=system)
+    assert err.value.reason == ("no configuration found (looked for --config, $GATEWAY_CONFIG, "
+                                f"./gateway.toml, {system})")
+    system.write_text("")
+    assert locate_config(None, {}, cwd=elsewhere, system=system) == (system, str(system))
+    (elsewhere / "gateway.toml").write_text("")
+    assert locate_config(None, {}, cwd=elsewhere, system=system) == (
+        elsewhere / "gateway.toml", "./gateway.toml")
+    if not Path("/etc/ecomm-gateway/gateway.toml").exists():
+        empty = tmp_path_factory.mktemp("empty")
+        none = run("senders", "list", cwd=empty)
+        assert none.returncode == 2
+        assert none.stderr == (f"error: {empty / 'gateway.toml'}: no configuration found "
+                               "(looked for --config, $GATEWAY_CONFIG, ./gateway.toml, "
+                               "/etc/ecomm-gateway/gateway.toml)\n")
+
+
+def test_serve_logs_which_configuration(served):
+    confdir, proc = served
+    proc.terminate()
+    out, _ = proc.communicate(timeout=10)
+    lines = [json.loads(line) for line in out.splitlines()]
+    [found] = [line for line in lines if line["event"] == "configuration"]
+    assert found["file"] == str(confdir / "gateway.toml") and found["found_by"] == "--config"
+
+
+def test_senders_add_with_class_rates_description_and_selectors(confdir):
+    import tomllib
+
+    cfg = str(confdir / "gateway.toml")
+    added = run("senders", "add", "--config", cfg, "--id", "events", "--organization", "Events",
+                "--contact", "ops@events.example", "--network", "198.51.100.0/24",
+                "--domain", "mail.events.example", "--return-path", "rp-*@mail.events.example",
+                "--expires", "2027-03-01", "--class", "transactional", "--class", "educational",
+                "--rate", "10/minute", "--recipient-rate", "2000/hour", "--description",
+                'Ticket "receipts"', "--dkim-selector", "s1", "--dkim-selector", "s2.2026")
+    assert added.returncode == 0, added.stderr
+    data = tomllib.loads((confdir / "senders" / "events.toml").read_text())
+    assert (data["classes"], data["rate"], data["recipient_rate"], data["description"],
+            data["dkim_selectors"]) == (["transactional", "educational"], "10/minute",
+                                         "2000/hour", 'Ticket "receipts"', ["s1", "s2.2026"])
+    shown = json.loads(run("senders", "show", "events", "--config", cfg, check=True).stdout)
+    assert shown["classes"] == ["transactional", "educational"] and shown["rate"] == "10/minute"
+    fast = run("senders", "add", "--config", cfg, "--id", "fast", "--organization", "F",
+               "--contact", "f@f.example", "--network", "192.0.2.0/24", "--domain", "f.example",
+               "--return-path", "b-*@f.example", "--expires", "2027-01-01", "--rate", "31/minute")
+    assert fast.returncode == 2
+    assert fast.stderr == ("error: rate: 31/minute exceeds the policy ceiling [limits] "
+                           "sender_rate = 30/minute\n")
+    bad = run("senders", "add", "--config", cfg, "--id", "sel", "--organization", "S",
+              "--contact", "s@s.example", "--network", "192.0.2.0/24", "--domain", "s.example",
+              "--return-path", "b-*@s.example", "--expires", "2027-01-01",
+              "--dkim-selector", "no good")
+    assert bad.returncode == 2 and "dkim_selectors[0]: 'no good' is not a DKIM selector" in bad.stderr
+    wrong = run("senders", "add", "--config", cfg, "--id", "x", "--organization", "S",
+                "--contact", "s@s.example", "--network", "192.0.2.0/24", "--domain", "s.example",
+                "--return-path", "b-*@s.example", "--expires", "2027-01-01", "--class", "spam")
+    assert wrong.returncode == 2 and "invalid choice: 'spam'" in wrong.stderr
+    assert sorted(p.name for p in (confdir / "senders").iterdir()) == ["acme.toml", "events.toml"]
+
+
+def test_sender_rate_above_policy_is_refused_unless_allowed(confdir):
+    cfg = confdir / "gateway.toml"
+    text = cfg.read_text()
+    cfg.write_text(text + '[limits]\nsender_rate = "60/minute"\n')
+    refused = run("check-config", "--config", str(cfg))
+    assert refused.returncode == 2
+    assert refused.stderr == (f"error: {cfg}: limits.sender_rate: 60/minute is above the "
+                              "policy's 30/minute (IV.B.3.c.vi); set [limits] "
+                              "allow_above_policy = true to mean it\n")
+    cfg.write_text(text + '[limits]\nsender_rate = "1/second"\nallow_above_policy = true\n')
+    assert run("check-config", "--config", str(cfg)).returncode == 0
+    cfg.write_text(text + '[limits]\nsender_rate = "1800/hour"\n')  # the same as 30/minute
+    assert run("check-config", "--config", str(cfg)).returncode == 0
+
+
+def test_above_policy_start_logs_a_warning(gateways, logs):
+    gateways.start('[limits]\nsender_rate = "100/minute"\nallow_above_policy = true\n')
+    [warning] = logs.events("above_policy")
+    assert warning["level"] == "warning" and warning["sender_rate"] == "100/minute"
+    assert warning["policy"] == "30/minute"
+    gateways.start()
+    assert len(logs.events("above_policy")) == 1

@@ -54,13 +54,18 @@ def test_import_reports_bad_rows_by_line(conf, tmp_path):
     csv = write(tmp_path / "ferpa.csv", "alice@example.edu\nBob+x@Example.EDU\n\nbob\n"
                                         "\"x@example.edu\",y@example.edu\n<carol@example.edu>\n")
     proc = flags_cmd(conf, "import", "--flag", "ferpa", str(csv))
-    assert proc.returncode == 1  # imported, with bad rows
+    assert proc.returncode == 1  # the whole file is checked first: nothing imported
     assert proc.stderr.splitlines() == [
         f"{csv}:4: 'bob' is not an address: address must be local-part@domain",
         f"{csv}:5: 2 values; expected one address a row (--column NAME reads one column of a "
-        "wider file)"]
+        "wider file)",
+        "not imported: 2 bad row(s); fix them, or --skip-bad to import the others"]
+    assert proc.stdout == ""
+    assert flags_cmd(conf, "check", "alice@example.edu").stdout == "alice@example.edu: no flags\n"
+    proc = flags_cmd(conf, "import", "--flag", "ferpa", "--skip-bad", str(csv))
+    assert proc.returncode == 0  # imported: never exit 1 after changing the store
     assert proc.stdout.splitlines() == ["ferpa: 3 added, 0 already present",
-                                        "2 bad row(s) left out (listed above)"]
+                                        "2 bad row(s) left out (listed above, --skip-bad)"]
     check = flags_cmd(conf, "check", "BOB@example.edu")
     assert check.returncode == 0
     rule = check.stdout.split("rule ")[1].split(";")[0]
@@ -75,19 +80,40 @@ def test_import_column_bom_delimiter_and_strict(conf, tmp_path):
     csv = write(tmp_path / "dne.csv", b"\xef\xbb\xbfId;E-mail;Name\r\n1;alice@example.edu;A\r\n"
                                       b"2;\"bob@example.edu\";\"B; b\"\r\n3;;C\r\n")
     strict = flags_cmd(conf, "import", "--flag", "do_not_email", "--column", "e-mail",
-                       "--delimiter", ";", "--strict", str(csv))
+                       "--delimiter", ";", str(csv))
     assert strict.returncode == 1
-    assert strict.stderr.splitlines() == [f"{csv}:4: no value in column 'e-mail'",
-                                          "not imported: 1 bad row(s) and --strict"]
+    assert strict.stderr.splitlines() == [
+        f"{csv}:4: no value in column 'e-mail'",
+        "not imported: 1 bad row(s); fix them, or --skip-bad to import the others"]
     assert "no flags" in flags_cmd(conf, "check", "alice@example.edu").stdout
     ok = flags_cmd(conf, "import", "--flag", "do_not_email", "--column", "e-mail",
-                   "--delimiter", ";", str(csv))
-    assert ok.returncode == 1 and ok.stdout.startswith("do_not_email: 2 added")
+                   "--delimiter", ";", "--skip-bad", str(csv))
+    assert ok.returncode == 0 and ok.stdout.startswith("do_not_email: 2 added")
     assert "do_not_email" in flags_cmd(conf, "check", "bob@example.edu").stdout
     missing = flags_cmd(conf, "import", "--flag", "ferpa", "--column", "mail", str(csv))
     assert missing.returncode == 2
     assert missing.stderr == (f"error: {csv}: line 1: no column 'mail' in the header "
                               "(id;e-mail;name)\n")
+
+
+def test_header_row_is_recognised_without_column(conf, tmp_path):
+    single = write(tmp_path / "single.csv", "Email\r\nalice@example.edu\r\nbob@example.edu\r\n")
+    proc = flags_cmd(conf, "import", "--flag", "ferpa", str(single))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["ferpa: 2 added, 0 already present",
+                                        "line 1 read as the header row (email)"]
+    wide = write(tmp_path / "wide.csv", "id,name,E-Mail\n1,Carol,carol@example.edu\n")
+    proc = flags_cmd(conf, "import", "--flag", "ferpa", str(wide))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["ferpa: 1 added, 0 already present",
+                                        "line 1 read as the header row (e-mail)"]
+    assert "ferpa" in flags_cmd(conf, "check", "carol@example.edu").stdout
+    unknown = write(tmp_path / "unknown.csv", "id,name\n1,x@example.edu\n")
+    proc = flags_cmd(conf, "import", "--flag", "ferpa", str(unknown))
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: {unknown}: line 1: a header row (id, name) without an "
+                           "address column (email, e-mail, email address, email_address, mail, "
+                           "address); --column NAME names it\n")
 
 
 def test_replace_and_its_safety_checks(conf, tmp_path):
