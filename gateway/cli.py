@@ -114,6 +114,43 @@ def cmd_senders_check(args) -> int:
     return 0
 
 
+def cmd_senders_verify(args) -> int:
+    """Onboarding preflight against DNS (gateway.onboarding); one line per problem."""
+    from gateway.clock import SystemClock
+    from gateway.dns import Resolver
+    from gateway.onboarding import verify
+
+    config, registry = _load(args)
+    sender = registry.by_id.get(args.id)
+    if sender is None:
+        print(f"no sender with id {args.id!r}", file=sys.stderr)
+        return 2
+    settings = sender.checks.get("sender_auth") or config.check_settings("sender_auth")
+
+    async def run() -> list[str]:
+        dns = config.dns
+        resolver = Resolver(clock=SystemClock(), nameservers=dns.nameservers,
+                            timeout=dns.timeout, cache_size=dns.cache_size, threads=dns.threads)
+        try:
+            return await verify(sender, resolver, today=dt.datetime.now(dt.timezone.utc).date(),
+                                receiver=config.server.hostname,
+                                min_rsa_bits=settings.min_rsa_bits,
+                                spf_time_limit=settings.spf_time_limit)
+        finally:
+            await resolver.close()
+
+    problems = asyncio.run(run())
+    for line in problems:
+        print(line)
+    if problems:
+        return 1
+    checked = [f"SPF of {len(sender.domains)} domain(s) for {len(sender.networks)} network(s)",
+               f"{len(sender.dkim_selectors)} DKIM selector(s)", "return-path domains",
+               "expiry"]
+    print(f"{sender.id}: ready ({', '.join(checked)})")
+    return 0
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -374,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_senders_show)
     senders.add_parser("check", parents=[common], help="validate every sender file; non-zero "
                        "exit on error").set_defaults(func=cmd_senders_check)
+    verify = senders.add_parser("verify", parents=[common], help="onboarding preflight against "
+                                "DNS: SPF, DKIM keys, return-path, expiry; non-zero exit on "
+                                "a problem")
+    verify.add_argument("id", help="the sender's id")
+    verify.set_defaults(func=cmd_senders_verify)
     add = senders.add_parser("add", parents=[common],
                              help="register a sender (writes a validated file)")
     add.add_argument("--id", required=True, help="short unique id: lower-case letters, digits, "
