@@ -4,6 +4,7 @@ the token-protected admin API (``/api/...``) that the ``gateway`` CLI is a clien
 from __future__ import annotations
 
 import hmac
+import re
 
 import structlog
 from aiohttp import web
@@ -14,6 +15,16 @@ from gateway.state import StoreError
 from gateway.throttles import GLOBAL
 
 log = structlog.get_logger("gateway.admin")
+
+
+_ACTOR = re.compile(r"[^A-Za-z0-9._@:+-]")
+
+
+def actor_of(request: web.Request) -> str:
+    """Who made an API call: ``api`` (the bearer token), with the OS user the ``gateway`` CLI
+    names in X-Gateway-Actor (printable, bounded; the token is what authorizes)."""
+    named = _ACTOR.sub("?", request.headers.get("X-Gateway-Actor", ""))[:64]
+    return f"api:{named}" if named else "api"
 
 
 def admin_app(app_state) -> web.Application:
@@ -74,7 +85,14 @@ def admin_app(app_state) -> web.Application:
         log.warning("throttle_cleared", target=target, existed=existed)
         return web.json_response({"target": target, "cleared": existed})
 
+    async def reload(request: web.Request) -> web.Response:
+        """Re-read gateway.toml and the sender files (gateway.reload): 200 with what changed
+        and what needs a restart, or 422 naming the file, key and reason of the refusal."""
+        result = await app_state.reload(actor_of(request))
+        return web.json_response(result.to_json(), status=200 if result.applied else 422)
+
     app = web.Application(middlewares=[api_auth])
+    app.router.add_post("/api/reload", reload)
     app.router.add_get("/api/throttles", throttles_list)
     app.router.add_put("/api/throttles/{target}", throttle_set)
     app.router.add_delete("/api/throttles/{target}", throttle_clear)

@@ -21,12 +21,14 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import POLICY_SENDER_RATE, Config, parse_hostport
 from gateway.dns import Resolver
 from gateway.engine import Engine
+from gateway.engine.generation import Generation
 from gateway.engine.sessions import SessionCounts
 from gateway.flags import open_flags
 from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
 from gateway.milter.server import MilterServer
 from gateway.quarantine import Quarantine
+from gateway.reload import Reloader, ReloadResult
 from gateway.rates import Rate
 from gateway.throttles import Throttles
 from gateway.typed import ConfigError
@@ -76,24 +78,20 @@ class Gateway:
         self.unsubscribe = UnsubscribeEndpoint(config=cfg, flags=self.flags,
                                                registry=self.registry, clock=self.clock,
                                                maillog=self.maillog, metrics=self.metrics)
-        deps = Deps(config=cfg, registry=self.registry, clock=self.clock, state=self.store,
-                    metrics=self.metrics, adaptive=self.adaptive, throttles=self.throttles,
-                    dns=self.dns, quarantine=self.quarantine, recipient_key=hash_key,
-                    flags=self.flags)
-        self.pipeline = Pipeline([c(deps) for c in CHECKS], deps,
-                                 observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
-        self.engine = Engine(config=cfg, registry=self.registry, pipeline=self.pipeline,
+        self.hash_key = hash_key
+        generation = self.build_generation(cfg, self.registry)
+        self.engine = Engine(config=cfg, registry=self.registry, pipeline=generation.pipeline,
                              clock=self.clock, maillog=self.maillog, metrics=self.metrics)
         # sessions per IP and per sender, counted across both fronts
         self.counts = SessionCounts(cfg.limits, self.metrics)
-        self.handler = Handler(engine=self.engine, config=cfg, registry=self.registry,
-                               upstream=self.upstream, maillog=self.maillog,
+        self.handler = Handler(engine=self.engine, upstream=self.upstream, maillog=self.maillog,
                                metrics=self.metrics, adaptive=self.adaptive, store=self.store,
                                arc=self._arc_sealer(), counts=self.counts) \
             if self.upstream is not None else None
         self.milter = MilterServer(config=cfg, engine=self.engine, maillog=self.maillog,
                                    metrics=self.metrics, counts=self.counts) \
             if cfg.milter.listen else None
+        self.reloader = Reloader(self)
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None
@@ -109,6 +107,46 @@ class Gateway:
             return ArcSealer(self.config, self.dns, self.clock, self.metrics)
         except ArcKeyError as exc:
             raise ConfigError(self.config.file, "arc.key_file", str(exc)) from None
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.engine.pipeline
+
+    def build_generation(self, config: Config, registry: Registry, number: int = 0) -> Generation:
+        """The checks built for ``config`` and ``registry``, on the gateway's shared state,
+        resolver, throttles and metrics (at start, and for each reload)."""
+        deps = Deps(config=config, registry=registry, clock=self.clock, state=self.store,
+                    metrics=self.metrics, adaptive=self.adaptive, throttles=self.throttles,
+                    dns=self.dns, quarantine=self.quarantine, recipient_key=self.hash_key,
+                    flags=self.flags)
+        pipeline = Pipeline([c(deps) for c in CHECKS], deps,
+                            observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
+        return Generation(config, registry, pipeline, number)
+
+    def switch(self, generation: Generation) -> None:
+        """New transactions (and sessions) from now on use ``generation``; those in progress
+        keep theirs."""
+        self.config, self.registry = generation.config, generation.registry
+        self.unsubscribe.registry = generation.registry
+        self.engine.switch(generation)
+
+    async def reload(self, actor: str) -> ReloadResult:
+        """Re-read gateway.toml and the sender files; all or nothing (gateway.reload)."""
+        return await self.reloader.reload(actor)
+
+    def reloaded(self, result: ReloadResult, actor: str) -> None:
+        """Log and count a reload: an administrative action, with its actor."""
+        if result.applied:
+            self.metrics.reloads.labels("applied").inc()
+            self.metrics.config_generation.set(result.generation)
+            log.warning("reload", actor=actor, result="applied", generation=result.generation,
+                        changed=result.changed, restart_needed=result.restart_needed,
+                        senders=result.senders.to_json())
+        else:
+            self.metrics.reloads.labels("refused").inc()
+            err = result.error
+            log.error("reload", actor=actor, result="refused", generation=result.generation,
+                      file=err.file, key=err.key, reason=err.reason)
 
     def _adaptive_rate(self) -> AdaptiveRate | None:
         limits = self.config.limits
@@ -238,7 +276,18 @@ async def serve(config: Config) -> None:
         raise StartError(f"cannot start: {exc}") from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task] = set()
+
+    def hangup() -> None:  # SIGHUP: reload gateway.toml and the sender files
+        task = loop.create_task(gateway.reload("signal:SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # the one place where signals are wired
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     await stop.wait()
+    if reloads:
+        await asyncio.wait(reloads)
     await gateway.stop()

@@ -206,7 +206,7 @@ def cmd_senders_add(args) -> int:
               file=sys.stderr)
         return 2
     os.replace(tmp, target)
-    print(f"added sender {args.id} ({target})")
+    print(f"added sender {args.id} ({target}); {_apply_running(args)}")
     if password:
         print(f"SMTP AUTH username: {args.auth_username}")
         print(f"SMTP AUTH password: {password}")
@@ -221,11 +221,25 @@ def cmd_senders_remove(args) -> int:
         print(f"no sender with id {args.id!r}", file=sys.stderr)
         return 1
     sender.file.unlink()
-    print(f"removed sender {args.id} ({sender.file}); running gateways apply it at restart")
+    print(f"removed sender {args.id} ({sender.file}); {_apply_running(args)}")
     return 0
 
 
-def _admin_call(args, method: str, path: str, body: dict | None = None) -> dict:
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+class Unreachable(SystemExit):
+    """The running gateway's admin listener did not answer."""
+
+
+def _admin_call(args, method: str, path: str, body: dict | None = None, *,
+                accept: tuple[int, ...] = (), timeout: float = 10) -> dict:
     """Call the running gateway's admin API (the [admin] listener, token from token_file)."""
     import urllib.error
     import urllib.request
@@ -238,25 +252,65 @@ def _admin_call(args, method: str, path: str, body: dict | None = None) -> dict:
     try:
         token = token_file.read_text().strip()
     except OSError as exc:
-        raise SystemExit(f"error: cannot read the admin token {token_file}: {exc.strerror} "
-                         "(is the gateway running with this configuration?)") from None
+        raise Unreachable(f"error: cannot read the admin token {token_file}: {exc.strerror} "
+                          "(is the gateway running with this configuration?)") from None
     host = f"[{host}]" if ":" in host else host
     request = urllib.request.Request(
         f"http://{host}:{port}{path}", method=method,
         data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                 "X-Gateway-Actor": f"cli:{_os_user()}"})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
+        if exc.code in accept:
+            return json.loads(detail)
         try:
             detail = json.loads(detail)["error"]
         except (ValueError, KeyError):
             pass
         raise SystemExit(f"error: {detail}") from None
     except OSError as exc:
-        raise SystemExit(f"error: cannot reach the admin listener {host}:{port}: {exc}") from None
+        raise Unreachable(f"error: cannot reach the admin listener {host}:{port}: {exc}") from None
+
+
+def _print_reload(result: dict, out=sys.stdout) -> None:
+    if not result["applied"]:
+        err = result["error"]
+        print(f"reload refused, the running configuration stays: {err['message']}",
+              file=sys.stderr)
+        return
+    senders = result["senders"]
+    parts = [f"{name} {', '.join(ids)}" for name, ids in senders.items() if ids]
+    print(f"reloaded: generation {result['generation']}; "
+          f"{'; '.join(parts) if parts else 'no sender changed'}; "
+          f"{'changed ' + ', '.join(result['changed']) if result['changed'] else 'no key changed'}",
+          file=out)
+    if result["restart_needed"]:
+        print(f"needs a restart to apply: {', '.join(result['restart_needed'])}", file=out)
+
+
+def cmd_reload(args) -> int:
+    """Ask the running gateway to re-read gateway.toml and the sender files."""
+    result = _admin_call(args, "POST", "/api/reload", accept=(422,), timeout=60)
+    _print_reload(result)
+    return 0 if result["applied"] else 1
+
+
+def _apply_running(args) -> str:
+    """After a sender file changed: have the running gateway reload; what happened, in words."""
+    try:
+        result = _admin_call(args, "POST", "/api/reload", accept=(422,), timeout=60)
+    except Unreachable:
+        return "no running gateway answered; it applies at the next start or reload"
+    except SystemExit as exc:
+        return f"the running gateway did not reload ({str(exc.code).removeprefix('error: ')})"
+    if result["applied"]:
+        return f"the running gateway applied it (generation {result['generation']})"
+    return ("the running gateway refused the reload and keeps its configuration: "
+            f"{result['error']['message']}")
 
 
 def cmd_throttle_set(args) -> int:
@@ -444,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove = senders.add_parser("remove", parents=[common], help="delete a sender's file")
     remove.add_argument("id", help="the sender's id")
     remove.set_defaults(func=cmd_senders_remove)
+    sub.add_parser("reload", parents=[common], help="have the running gateway re-read "
+                   "gateway.toml and the sender files (all or nothing; exit 1 if refused)"
+                   ).set_defaults(func=cmd_reload)
     throttle = sub.add_parser("throttle", parents=[common], help="run-time throttles, through "
                               "the running gateway's admin API").add_subparsers(
         dest="throttle_command", required=True, metavar="SUBCOMMAND")

@@ -111,5 +111,14 @@ class Metrics:
             "flags because the state store was unreachable ([state] on_error = \"local\")",
             registry=registry)
 
+        # reloads of gateway.toml and the sender files (gateway.reload)
+        self.reloads = Counter(
+            "gateway_config_reloads", "Reloads of gateway.toml and the sender files by result: "
+            "applied, refused (invalid; the running configuration stays)", ["result"],
+            registry=registry)
+        self.config_generation = Gauge(
+            "gateway_config_generation", "Configuration generation in use for new transactions: "
+            "0 at start, one more per applied reload", registry=registry)
+
     def upstream_reply(self, stage: str, code: int) -> None:
         self.upstream_replies.labels(stage, f"{code // 100}xx").inc()

@@ -101,7 +101,8 @@ def test_senders_add_prints_credentials_once_and_remove(confdir):
                 "--return-path", "rp-*@mail.events.example", "--expires", "2027-03-01",
                 "--auth-username", "events-smtp", check=True)
     lines = added.stdout.splitlines()
-    assert lines[0] == f"added sender events ({confdir / 'senders' / 'events.toml'})"
+    assert lines[0] == (f"added sender events ({confdir / 'senders' / 'events.toml'}); no "
+                        "running gateway answered; it applies at the next start or reload")
     assert lines[1] == "SMTP AUTH username: events-smtp"
     password = lines[2].removeprefix("SMTP AUTH password: ")
     text = (confdir / "senders" / "events.toml").read_text()
@@ -352,3 +353,82 @@ def test_above_policy_start_logs_a_warning(gateways, logs):
     assert warning["policy"] == "30/minute"
     gateways.start()
     assert len(logs.events("above_policy")) == 1
+
+
+def _metric(confdir, line_start: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{confdir.admin_port}/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.split()[-1])
+    return None
+
+
+EVENTS_MESSAGE = MESSAGE.replace(b"em.acme.example", b"em.events.example")
+
+
+def test_reload_senders_and_sighup_against_the_running_gateway(served):
+    import signal
+
+    confdir, proc = served
+    cfg = str(confdir / "gateway.toml")
+    added = run("senders", "add", "--config", cfg, "--id", "events", "--organization", "Events",
+                "--contact", "ops@events.example", "--network", "127.0.0.1/32", "--domain",
+                "em.events.example", "--return-path", "rp-*@em.events.example",
+                "--expires", "2099-01-01")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout == (f"added sender events ({confdir / 'senders' / 'events.toml'}); "
+                            "the running gateway applied it (generation 1)\n")
+    with smtplib.SMTP("127.0.0.1", confdir.smtp_port, timeout=30) as client:
+        assert client.sendmail("rp-1@em.events.example", ["alice@example.edu"],
+                               EVENTS_MESSAGE) == {}
+    # an invalid change: refused whole, exit 1, file/key/reason; the gateway keeps running
+    (confdir / "senders" / "bad.toml").write_text("id = \"bad\"\nexpires = 2027-01-01\n")
+    refused = run("reload", "--config", cfg)
+    assert refused.returncode == 1
+    assert refused.stderr == ("reload refused, the running configuration stays: "
+                              f"{confdir / 'senders' / 'bad.toml'}: organization: required key "
+                              "is missing\n")
+    (confdir / "senders" / "bad.toml").unlink()
+    removed = run("senders", "remove", "events", "--config", cfg)
+    assert removed.stdout == (f"removed sender events ({confdir / 'senders' / 'events.toml'}); "
+                              "the running gateway applied it (generation 2)\n")
+    with smtplib.SMTP("127.0.0.1", confdir.smtp_port, timeout=30) as client:
+        client.ehlo("client.test")
+        assert client.mail("rp-2@em.events.example") == (
+            550, b"5.7.1 Return-path <rp-2@em.events.example> does not carry a registered sender "
+                 b"identifier; expected bounce-*@em.acme.example")
+    # SIGHUP: the same reload, by signal; the process lives on
+    (confdir / "senders" / "acme.toml").write_text(EXAMPLE_SENDER + 'rate = "5/minute"\n')
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while _metric(confdir, "gateway_config_generation ") != 3.0:
+        assert proc.poll() is None and time.monotonic() < deadline, "no reload after SIGHUP"
+        time.sleep(0.05)
+    ok = run("reload", "--config", cfg)
+    assert ok.returncode == 0
+    assert ok.stdout == "reloaded: generation 4; no sender changed; no key changed\n"
+    with smtplib.SMTP("127.0.0.1", confdir.smtp_port, timeout=30) as client:
+        assert client.sendmail("bounce-9@em.acme.example", ["bob@example.edu"], MESSAGE) == {}
+    proc.terminate()
+    out, _ = proc.communicate(timeout=10)
+    reloads = [json.loads(line) for line in out.splitlines()
+               if json.loads(line)["event"] == "reload"]
+    user = os.environ.get("USER") or __import__("getpass").getuser()
+    assert [(r["actor"], r["result"], r["generation"]) for r in reloads] == [
+        (f"api:cli:{user}", "applied", 1), (f"api:cli:{user}", "refused", 1),
+        (f"api:cli:{user}", "applied", 2), ("signal:SIGHUP", "applied", 3),
+        (f"api:cli:{user}", "applied", 4)]
+    assert reloads[3]["senders"] == {"added": [], "removed": [], "changed": ["acme"]}
+    assert reloads[1]["file"] == str(confdir / "senders" / "bad.toml")
+    assert reloads[1]["key"] == "organization"
+
+
+def test_senders_add_without_a_running_gateway_says_so(confdir):
+    added = run("senders", "add", "--config", str(confdir / "gateway.toml"), "--id", "events",
+                "--organization", "Events", "--contact", "ops@events.example", "--network",
+                "192.0.2.0/24", "--domain", "em.events.example", "--return-path",
+                "rp-*@em.events.example", "--expires", "2099-01-01")
+    assert added.returncode == 0
+    assert added.stdout == (f"added sender events ({confdir / 'senders' / 'events.toml'}); "
+                            "no running gateway answered; it applies at the next start or "
+                            "reload\n")

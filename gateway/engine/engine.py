@@ -17,10 +17,11 @@ from gateway.checks.identity import identify
 from gateway.checks.pipeline import Outcome
 from gateway.engine import message
 from gateway.engine.decisions import Decisions
+from gateway.engine.generation import Generation
 from gateway.engine.transaction import Client, RcptDecision, Result, Transaction
 from gateway.message.intake import admit
 from gateway.quarantine import item_for
-from gateway.smtp.address import AddressError, DomainSet, parse_mailbox
+from gateway.smtp.address import AddressError, parse_mailbox
 from gateway.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -37,15 +38,28 @@ log = structlog.get_logger("gateway.engine")
 class Engine:
     def __init__(self, *, config: Config, registry: Registry, pipeline: Pipeline, clock: Clock,
                  maillog: MailLog, metrics: Metrics) -> None:
-        self.config = config
-        self.registry = registry
-        self.pipeline = pipeline
+        self.generation = Generation(config, registry, pipeline)
         self.clock = clock
         self.maillog = maillog
         self.metrics = metrics
         self.decisions = Decisions(maillog, metrics)
-        self.university = DomainSet(config.university.domains)
-        self.hostname = config.server.hostname
+
+    # What new transactions are decided under; a transaction keeps its own (``txn.gen``).
+    @property
+    def config(self) -> Config:
+        return self.generation.config
+
+    @property
+    def registry(self) -> Registry:
+        return self.generation.registry
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.generation.pipeline
+
+    def switch(self, generation: Generation) -> None:
+        """Decide transactions that begin from now on under ``generation`` (gateway.reload)."""
+        self.generation = generation
 
     # --- MAIL -----------------------------------------------------------------------------
 
@@ -63,13 +77,14 @@ class Engine:
                    *, dry_run: bool = False) -> Transaction:
         """Identify the sender and run the MAIL checks for a normalized ``mail_from``. A
         refusal is logged and left in ``txn.reply``."""
+        gen = self.generation  # the transaction is decided under this one to its end
         ctx = Context(client_ip=client.ip, helo=client.helo, tls=client.tls,
                       auth_user=client.auth_user, mail_from=mail_from, dry_run=dry_run)
-        identify(ctx, self.registry)
-        outcome = await self.pipeline.run(Stage.MAIL, ctx, Outcome(trace=[] if dry_run else None))
+        identify(ctx, gen.registry)
+        outcome = await gen.pipeline.run(Stage.MAIL, ctx, Outcome(trace=[] if dry_run else None))
         txn = Transaction(session_id=client.session_id, queue_id=secrets.token_hex(6).upper(),
                           ctx=ctx, outcome=outcome, started=time.perf_counter(),
-                          mail_options=list(mail_options), dry_run=dry_run)
+                          mail_options=list(mail_options), dry_run=dry_run, gen=gen)
         verdict = outcome.verdict
         if not verdict.accepted:
             self.refuse(txn, verdict.action, verdict.reason, verdict.reply, stage="mail",
@@ -89,7 +104,8 @@ class Engine:
     async def rcpt(self, txn: Transaction, address: str, count: int) -> RcptDecision:
         """Relay control and the RCPT checks for one recipient, ``count`` accepted before it.
         ``address`` is the path as given ("" or "<>": the null path)."""
-        if count >= self.config.server.max_recipients:
+        gen = txn.gen or self.generation
+        if count >= gen.config.server.max_recipients:
             return RcptDecision(Reply(452, "4.5.3", "Too many recipients"), "too_many_recipients")
         if address in ("", "<>"):
             return RcptDecision(Reply(550, "5.7.1", "Relaying denied: empty recipient"),
@@ -98,7 +114,7 @@ class Engine:
             mailbox = parse_mailbox(address)
         except AddressError as exc:
             return RcptDecision(Reply(550, "5.7.1", f"Relaying denied: {exc}"), "relay_denied")
-        if mailbox.domain not in self.university:
+        if mailbox.domain not in gen.university:
             return RcptDecision(Reply(550, "5.7.1", f"Relaying denied: {mailbox.domain} is not "
                                                     "a university domain"), "relay_denied")
         refused = await self._rcpt_checks(txn, str(mailbox))
@@ -108,12 +124,13 @@ class Engine:
 
     async def _rcpt_checks(self, txn: Transaction, address: str) -> RcptDecision | None:
         """The RCPT-stage checks for one recipient (``ctx.rcpt``); a refusal and its reason."""
-        if not self.pipeline.by_stage[Stage.RCPT]:
+        pipeline = (txn.gen or self.generation).pipeline
+        if not pipeline.by_stage[Stage.RCPT]:
             return None
         ctx = txn.ctx
         ctx.rcpt = address
         try:
-            outcome = await self.pipeline.run(
+            outcome = await pipeline.run(
                 Stage.RCPT, ctx, Outcome(trace=None if txn.outcome.trace is None else []))
         finally:
             ctx.rcpt = None
@@ -138,10 +155,12 @@ class Engine:
     async def parse(self, content: bytes):
         return await message.parse(content)
 
-    async def admit(self, content: bytes):
-        """The canonical message or its refusal (gateway.message.intake); a big message is
-        checked in a worker thread (about 9 ms of CPU per MB), like its parse."""
-        args = {"hostname": self.hostname, "max_received": self.config.server.max_received}
+    async def admit(self, content: bytes, gen: Generation | None = None):
+        """The canonical message or its refusal (gateway.message.intake), under ``gen`` (the
+        transaction's); a big message is checked in a worker thread (about 9 ms of CPU per MB),
+        like its parse."""
+        gen = gen or self.generation
+        args = {"hostname": gen.hostname, "max_received": gen.config.server.max_received}
         if len(content) <= message.PARSE_INLINE_MAX:
             return admit(content, **args)
         return await asyncio.to_thread(admit, content, **args)
@@ -149,28 +168,29 @@ class Engine:
     async def content(self, txn: Transaction, content: bytes) -> Result:
         """Run the DATA checks on the message as received and decide (see :class:`Result`)."""
         ctx, outcome = txn.ctx, txn.outcome
+        gen = txn.gen or self.generation
         ctx.size = len(content)
         ctx.raw = received = content
         # one canonical header block, refused when readers could disagree, before any check;
         # Authentication-Results claiming to be ours (forged, RFC 8601 5) already left out
-        admitted = await self.admit(content)
+        admitted = await self.admit(content, gen)
         if isinstance(admitted, Verdict):  # never parsed, never judged, never relayed
             outcome.verdict, outcome.decided_by = admitted, "headers"
         else:
             content = ctx.raw = admitted.content
             ctx.header_fields = admitted.fields
             try:
-                if self.pipeline.needs_message(Stage.DATA, ctx):
+                if gen.pipeline.needs_message(Stage.DATA, ctx):
                     ctx.message = await self.parse(content)
             except RecursionError:  # pathological nesting: the stdlib parser recurses per level
                 outcome.verdict = reject(550, "5.6.0", "Message structure is nested too deeply "
                                          "to be parsed; flatten it", "mime_unparsable")
                 outcome.decided_by = "parser"
             else:
-                outcome = txn.outcome = await self.pipeline.run(Stage.DATA, ctx, outcome)
+                outcome = txn.outcome = await gen.pipeline.run(Stage.DATA, ctx, outcome)
         verdict = outcome.verdict
         # (a front that edits fields in place, the milter, removes the forged ones too)
-        strip = [claims(self.hostname), *ctx.strip_headers]
+        strip = [claims(gen.hostname), *ctx.strip_headers]
         content = strip_header_fields(content, ctx.strip_headers)
         result = Result("relay", txn, headers=list(outcome.headers), content=content, strip=strip,
                         received=received)
@@ -196,7 +216,8 @@ class Engine:
 
     def received(self, txn: Transaction) -> bytes:
         """The gateway's Received field for a front that is a hop of its own."""
-        return message.received(txn.ctx, self.hostname, txn.queue_id, self.clock.now())
+        hostname = (txn.gen or self.generation).hostname
+        return message.received(txn.ctx, hostname, txn.queue_id, self.clock.now())
 
     def finish(self, txn: Transaction, action: str, reason: str, reply: Reply | None, *,
                decided_by: str | None) -> None:

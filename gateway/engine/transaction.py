@@ -5,12 +5,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from gateway.checks.base import Context
 from gateway.checks.pipeline import Outcome
 from gateway.engine.edits import field_positions
 from gateway.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from gateway.engine.generation import Generation
 
 
 @dataclass
@@ -39,6 +42,8 @@ class Transaction:
     reply: Reply | None = None
     # explain: decide without logging, counting or storing anything (see Engine.explain)
     dry_run: bool = False
+    # the configuration, registry and checks it is decided under, from MAIL to its end (reload)
+    gen: Generation | None = None
 
 
 @dataclass(frozen=True)

@@ -57,29 +57,37 @@ class Relayed:
 
 
 class Handler:
-    def __init__(self, *, engine: Engine, config: Config, registry: Registry,
-                 upstream: Upstream, maillog: MailLog, metrics: Metrics,
+    def __init__(self, *, engine: Engine, upstream: Upstream, maillog: MailLog, metrics: Metrics,
                  adaptive: AdaptiveRate | None = None, store: Store | None = None,
                  arc: ArcSealer | None = None, counts: SessionCounts | None = None) -> None:
-        self.engine = engine
+        self.engine = engine  # config and registry: the engine's current generation (reload)
         self.arc = arc  # [arc]: seal what is relayed (gateway.arc)
-        self.config = config
-        self.registry = registry
         self.upstream = upstream
         self.maillog = maillog
         self.metrics = metrics
         self.adaptive = adaptive
-        self.limits = config.limits
         # per IP and per sender, shared with the other fronts of the process
-        self.counts = counts or SessionCounts(config.limits, metrics)
+        self.counts = counts or SessionCounts(engine.config.limits, metrics)
         self._tasks: set[asyncio.Task] = set()
         self._auth_cache: OrderedDict[bytes, str] = OrderedDict()
         self._auth_cache_key = secrets.token_bytes(32)
-        self.guard = ConnectionGuard(config.limits, metrics)
+        self.guard = ConnectionGuard(engine.config.limits, metrics)
         # (not "auth_...": aiosmtpd takes handler attributes named auth_* as AUTH mechanisms)
-        self.login_throttle = AuthThrottle(limits=config.limits,
+        self.login_throttle = AuthThrottle(limits=engine.config.limits,
                                            store=store or MemoryStore(engine.clock),
                                            clock=engine.clock, metrics=metrics, maillog=maillog)
+
+    @property
+    def config(self) -> Config:
+        return self.engine.config
+
+    @property
+    def registry(self) -> Registry:
+        return self.engine.registry
+
+    @property
+    def limits(self):
+        return self.engine.config.limits
 
     # --- session lifetime (called by GatewaySMTP) -----------------------------------------
 
