@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.rates import Rate, parse_duration
 from gateway.state import StoreError
+from gateway.status_page import StatusPage
 from gateway.throttles import GLOBAL
 
 log = structlog.get_logger("gateway.admin")
@@ -91,7 +92,9 @@ def admin_app(app_state) -> web.Application:
         result = await app_state.reload(actor_of(request))
         return web.json_response(result.to_json(), status=200 if result.applied else 422)
 
-    app = web.Application(middlewares=[api_auth])
+    status = StatusPage(app_state)
+    app = web.Application(middlewares=[api_auth, status.auth])
+    status.add_routes(app)  # /status: read-only HTML for administrators (token required)
     app.router.add_post("/api/reload", reload)
     app.router.add_get("/api/throttles", throttles_list)
     app.router.add_put("/api/throttles/{target}", throttle_set)

@@ -28,6 +28,7 @@ from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
 from gateway.milter.server import MilterServer
 from gateway.quarantine import Quarantine
+from gateway.recent import Recent
 from gateway.reload import Reloader, ReloadResult
 from gateway.rates import Rate
 from gateway.throttles import Throttles
@@ -92,6 +93,8 @@ class Gateway:
                                    metrics=self.metrics, counts=self.counts) \
             if cfg.milter.listen else None
         self.reloader = Reloader(self)
+        self.recent = Recent(self.clock)  # the last hour's decisions, for the status page
+        self.engine.decisions.observers.append(self.recent.observe)
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None
@@ -112,14 +115,22 @@ class Gateway:
     def pipeline(self) -> Pipeline:
         return self.engine.pipeline
 
-    def build_generation(self, config: Config, registry: Registry, number: int = 0) -> Generation:
+    def build_generation(self, config: Config, registry: Registry, number: int = 0,
+                         previous: Generation | None = None) -> Generation:
         """The checks built for ``config`` and ``registry``, on the gateway's shared state,
-        resolver, throttles and metrics (at start, and for each reload)."""
+        resolver, throttles and metrics (at start, and for each reload: then each check takes
+        over the run-time state of its ``previous`` self)."""
         deps = Deps(config=config, registry=registry, clock=self.clock, state=self.store,
                     metrics=self.metrics, adaptive=self.adaptive, throttles=self.throttles,
                     dns=self.dns, quarantine=self.quarantine, recipient_key=self.hash_key,
                     flags=self.flags)
-        pipeline = Pipeline([c(deps) for c in CHECKS], deps,
+        checks = [c(deps) for c in CHECKS]
+        if previous is not None:
+            before = {c.name: c for stage in previous.pipeline.by_stage.values() for c in stage}
+            for check in checks:
+                if check.name in before:
+                    check.inherit(before[check.name])
+        pipeline = Pipeline(checks, deps,
                             observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
         return Generation(config, registry, pipeline, number)
 

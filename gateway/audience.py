@@ -197,17 +197,17 @@ class LargestCampaigns:
     def __init__(self, clock: Clock, window: float, keep: int = 8) -> None:
         self.clock, self.window, self.keep = clock, window, keep
         self._lock = threading.Lock()  # scrapes may read from another thread
-        self._by_sender: dict[str, dict[str, tuple[int, float]]] = {}
+        self._by_sender: dict[str, dict[str, tuple[int, float, str]]] = {}
 
-    def observe(self, sender: str, campaign: str, size: int) -> None:
+    def observe(self, sender: str, campaign: str, size: int, label: str = "") -> None:
         now = self.clock.now().timestamp()
         with self._lock:
             seen = self._by_sender.setdefault(sender, {})
-            seen[campaign] = (size, now + self.window)
+            seen[campaign] = (size, now + self.window, label or campaign)
             self._prune(seen, now)
 
-    def _prune(self, seen: dict[str, tuple[int, float]], now: float) -> None:
-        for name in [n for n, (_, until) in seen.items() if until <= now]:
+    def _prune(self, seen: dict[str, tuple[int, float, str]], now: float) -> None:
+        for name in [n for n, (_, until, _) in seen.items() if until <= now]:
             del seen[name]
         while len(seen) > self.keep:
             del seen[min(seen, key=lambda n: seen[n][0])]
@@ -216,4 +216,12 @@ class LargestCampaigns:
         with self._lock:
             seen = self._by_sender.get(sender, {})
             self._prune(seen, self.clock.now().timestamp())
-            return max((size for size, _ in seen.values()), default=0)
+            return max((size for size, _, _ in seen.values()), default=0)
+
+    def active(self, sender: str) -> list[tuple[str, int]]:
+        """(label, audience) of the sender's campaigns seen within the window, largest first."""
+        with self._lock:
+            seen = self._by_sender.get(sender, {})
+            self._prune(seen, self.clock.now().timestamp())
+            return sorted(((label, size) for size, _, label in seen.values()),
+                          key=lambda item: -item[1])

@@ -138,7 +138,8 @@ class Reloader:
                 keys = changed_keys(running, new)
                 restart = [k for k in keys if needs_restart(k, running)]
                 config = effective(running, new, restart)
-                generation = gw.build_generation(config, registry, current.number + 1)
+                generation = gw.build_generation(config, registry, current.number + 1,
+                                                 previous=current)
             except ConfigError as exc:
                 result = ReloadResult(False, current.number, error=exc)
             else:

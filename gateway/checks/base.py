@@ -139,6 +139,10 @@ class Check:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
 
+    def inherit(self, previous: Check) -> None:
+        """At a reload (gateway.reload), take over the run-time state (caches, per-process
+        counts) of ``previous``, the same check built from the configuration before."""
+
     def active(self, ctx: Context) -> bool:
         """False when the check has nothing to do for this transaction whatever its mode (e.g.
         a RCPT-stage half that only one setting uses): skipped like ``off``, untimed."""

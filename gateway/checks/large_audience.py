@@ -157,8 +157,13 @@ class LargeAudience(Check):
                  business_hours=self.hours.is_open(self.deps.clock.now()),
                  message_id=message_id.strip()[:200])
 
+    def inherit(self, previous: LargeAudience) -> None:
+        self.local = previous.local
+        if previous.window == self.window:
+            self.largest, self._gauged = previous.largest, previous._gauged
+
     def _gauge(self, sender_id: str, campaign: Campaign, size: int) -> None:
-        self.largest.observe(sender_id, campaign.key, size)
+        self.largest.observe(sender_id, campaign.key, size, campaign.label)
         if self.metrics is not None and sender_id not in self._gauged:
             self._gauged.add(sender_id)  # read at scrape time, so old campaigns age out
             self.metrics.large_audience_max.labels(sender_id).set_function(

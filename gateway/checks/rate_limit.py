@@ -55,6 +55,9 @@ class RateLimit(Check):
         self.local = MemoryStore(deps.clock)  # per-process fallback for on_error = "local"
         self.metrics = deps.metrics
 
+    def inherit(self, previous: RateLimit) -> None:
+        self.local = previous.local  # the per-process windows used while the store is down
+
     async def _throttle(self, target: str) -> Rate | None:
         try:
             return await self.throttles.current(target)

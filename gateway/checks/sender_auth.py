@@ -109,6 +109,11 @@ class SenderAuth(Check):
         self._spf_memo: OrderedDict[tuple[str, str, str], tuple[float, SpfResult]] = \
             OrderedDict()
 
+    def inherit(self, previous: SenderAuth) -> None:
+        self.aligner, self._spf_memo = previous.aligner, previous._spf_memo
+        if previous.dkim is not None and self.dkim is not None:
+            self.dkim = previous.dkim  # its parsed keys
+
     async def check(self, ctx: Context) -> Verdict:
         s: SenderAuthSettings = self.settings(ctx)  # type: ignore[assignment]
         hostname = self.deps.config.server.hostname

@@ -24,12 +24,17 @@ class Decisions:
     def __init__(self, maillog: MailLog, metrics: Metrics) -> None:
         self.maillog = maillog
         self.metrics = metrics
+        # also told of every decision: (txn, action, reason, reply, stage, decided_by); the
+        # status page's recent decisions (gateway.recent)
+        self.observers: list = []
 
     def decided(self, txn: Transaction, action: str, reason: str, reply: Reply | None, *,
                 stage: str, decided_by: str | None) -> None:
         """Count and log the transaction's decision. A MAIL-stage decision has no queue id."""
         if txn.dry_run:
             return
+        for observe in self.observers:
+            observe(txn, action, reason, reply, stage, decided_by)
         ctx, outcome = txn.ctx, txn.outcome
         sender = sender_label(ctx)
         self.metrics.messages.labels(sender, action, reason).inc()
