@@ -14,6 +14,7 @@ from gateway.rates import Rate, parse_duration
 from gateway.state import StoreError
 from gateway.status_page import StatusPage
 from gateway.throttles import GLOBAL
+from gateway.trace import DECISIONS
 
 log = structlog.get_logger("gateway.admin")
 
@@ -92,10 +93,27 @@ def admin_app(app_state) -> web.Application:
         result = await app_state.reload(actor_of(request))
         return web.json_response(result.to_json(), status=200 if result.applied else 422)
 
+    async def trace(request: web.Request) -> web.Response:
+        """Decisions kept in the state store (gateway.trace): one of queue_id, message_id or
+        sender, then since (e.g. 2h), decision, recipient (hashed here to match)."""
+        q = request.query
+        try:
+            since = parse_duration(q["since"]) if q.get("since") else None
+            if q.get("decision") and q["decision"] not in DECISIONS:
+                raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
+            records = await app_state.trace.query(
+                queue_id=q.get("queue_id"), message_id=q.get("message_id"),
+                sender=q.get("sender"), since=since, decision=q.get("decision"),
+                recipient=q.get("recipient"))
+        except ValueError as exc:
+            return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        return web.json_response({"decisions": records, "days": app_state.config.trace.days})
+
     status = StatusPage(app_state)
     app = web.Application(middlewares=[api_auth, status.auth])
     status.add_routes(app)  # /status: read-only HTML for administrators (token required)
     app.router.add_post("/api/reload", reload)
+    app.router.add_get("/api/trace", trace)
     app.router.add_get("/api/throttles", throttles_list)
     app.router.add_put("/api/throttles/{target}", throttle_set)
     app.router.add_delete("/api/throttles/{target}", throttle_clear)

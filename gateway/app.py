@@ -29,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.milter.server import MilterServer
 from gateway.quarantine import Quarantine
 from gateway.recent import Recent
+from gateway.trace import TraceStore
 from gateway.reload import Reloader, ReloadResult
 from gateway.rates import Rate
 from gateway.throttles import Throttles
@@ -94,7 +95,8 @@ class Gateway:
             if cfg.milter.listen else None
         self.reloader = Reloader(self)
         self.recent = Recent(self.clock)  # the last hour's decisions, for the status page
-        self.engine.decisions.observers.append(self.recent.observe)
+        self.trace = TraceStore(self.store, hash_key, self.clock, cfg.trace.days, self.metrics)
+        self.engine.decisions.observers += [self.recent.observe, self.trace.observe]
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None
@@ -190,6 +192,7 @@ class Gateway:
         from gateway.admin import admin_app
 
         await self.store.ping()
+        self.trace.start()
         await self.flags.check_key()  # a lost or swapped key file would void every flag
         tls = server_tls_context(self.config)
         loop = asyncio.get_running_loop()
@@ -259,6 +262,7 @@ class Gateway:
             await self.milter.stop(grace)
         if self.handler is not None:
             await self.handler.drain()
+        await self.trace.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         await self.unsubscribe.close()

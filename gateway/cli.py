@@ -313,6 +313,32 @@ def _apply_running(args) -> str:
             f"{result['error']['message']}")
 
 
+def cmd_trace(args) -> int:
+    """Decisions kept by the running gateway (its state store), through the admin API."""
+    from urllib.parse import urlencode
+
+    query = {k: v for k, v in (("queue_id", args.queue_id), ("message_id", args.message_id),
+                                ("sender", args.sender), ("since", args.since),
+                                ("decision", args.decision), ("recipient", args.recipient))
+             if v}
+    records = _admin_call(args, "GET", "/api/trace?" + urlencode(query))["decisions"]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0 if records else 1
+    if not records:
+        print("no decision found", file=sys.stderr)
+        return 1
+    for r in records:
+        when = dt.datetime.fromtimestamp(r["at"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{when} UTC  {r['queue_id']}  {r['sender'] or '-'}  {r['decision']} "
+              f"({r['reason']}) at {r['stage']}  from [{r['client_ip']}] <{r['mail_from']}>  "
+              f"message-id {r['message_id'] or '-'}  {len(r['recipients'])} recipient(s)  "
+              f"reply: {r['reply'] or '-'}")
+        if r.get("checks_ms"):
+            print("    checks: " + ", ".join(f"{k} {v:g} ms" for k, v in r["checks_ms"].items()))
+    return 0
+
+
 def cmd_throttle_set(args) -> int:
     body = {"rate": args.rate, "for": args.duration}
     result = _admin_call(args, "PUT", f"/api/throttles/{args.target}", body)
@@ -501,6 +527,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reload", parents=[common], help="have the running gateway re-read "
                    "gateway.toml and the sender files (all or nothing; exit 1 if refused)"
                    ).set_defaults(func=cmd_reload)
+    trace = sub.add_parser("trace", parents=[common], help="decisions the running gateway kept "
+                           "([trace] days), by queue id, Message-ID or sender; exit 1 if none")
+    which = trace.add_mutually_exclusive_group(required=True)
+    which.add_argument("--queue-id", help="the queue id (in the reply, the log, the status page)")
+    which.add_argument("--message-id", help="the Message-ID, with or without <>")
+    which.add_argument("--sender", help="a sender id (with --since: its recent decisions)")
+    trace.add_argument("--since", help="only decisions this recent, e.g. 2h, 30m, 1d")
+    trace.add_argument("--decision", choices=("accept", "reject", "defer", "quarantine"),
+                       help="only decisions of this kind")
+    trace.add_argument("--recipient", help="only messages to this address (matched by its "
+                       "keyed hash; the address is never stored)")
+    trace.add_argument("--json", action="store_true", help="the records as JSON")
+    trace.set_defaults(func=cmd_trace)
     throttle = sub.add_parser("throttle", parents=[common], help="run-time throttles, through "
                               "the running gateway's admin API").add_subparsers(
         dest="throttle_command", required=True, metavar="SUBCOMMAND")

@@ -462,6 +462,17 @@ class FlagsConfig:
 
 
 @dataclass(frozen=True)
+class TraceConfig:
+    """Decisions kept in the state store for `gateway trace` (gateway.trace)."""
+
+    days: int = 14
+
+    def validate(self, file, prefix):
+        if not 0 <= self.days <= 366:
+            raise ConfigError(file, f"{prefix}.days", "must be 0 (no trace) to 366")
+
+
+@dataclass(frozen=True)
 class CheckSettings:
     mode: Mode = "enforce"
 
@@ -483,6 +494,7 @@ class Config:
     flags: FlagsConfig = FlagsConfig()
     arc: ArcConfig = ArcConfig()
     business_hours: BusinessHoursConfig = BusinessHoursConfig()
+    trace: TraceConfig = TraceConfig()
     checks: dict[str, CheckSettings] = field(default_factory=dict)
 
     @property

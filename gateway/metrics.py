@@ -111,6 +111,9 @@ class Metrics:
             "flags because the state store was unreachable ([state] on_error = \"local\")",
             registry=registry)
 
+        self.trace_dropped = Counter(
+            "gateway_trace_dropped", "Decision records not kept in the trace (queue full or state "
+            "store unavailable); the decisions themselves are unaffected", registry=registry)
         # reloads of gateway.toml and the sender files (gateway.reload)
         self.reloads = Counter(
             "gateway_config_reloads", "Reloads of gateway.toml and the sender files by result: "

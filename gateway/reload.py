@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # sockets, pools, stores, keys or threads built from them at start.
 RESTART_KEYS = (
     "server.listen", "server.tls_cert", "server.tls_key", "server.require_tls",
-    "upstream", "state", "admin", "logging", "dns", "quarantine", "flags",
+    "upstream", "state", "admin", "logging", "dns", "quarantine", "flags", "trace",
     "limits.throttle_refresh", "limits.adaptive", "limits.adaptive_floor",
     "limits.adaptive_decrease", "limits.adaptive_increase", "limits.adaptive_interval",
     "limits.adaptive_latency",

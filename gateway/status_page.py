@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import hmac
 import time
@@ -241,17 +242,34 @@ class StatusPage:
     # --- one decision ---------------------------------------------------------------------
 
     async def trace(self, request: web.Request) -> web.Response:
+        """One decision: from the trace in the state store (gateway.trace), else from the
+        recent refusals this process remembers."""
         queue_id = request.query.get("queue_id", "")
-        found = self.gw.recent.refusal(queue_id)
+        try:
+            records = await self.gw.trace.query(queue_id=queue_id) if queue_id else []
+        except Exception:  # the store is down: what this process remembers
+            records = []
+        found = records[-1] if records else None
+        if found is None:
+            recent = self.gw.recent.refusal(queue_id)
+            found = dataclasses.asdict(recent) if recent is not None else None
         if found is None:
             return _page("decision not found", f"<h1>No recent decision {e(queue_id)}</h1>"
                          '<p><a href="/status">Back to the status page</a></p>')
-        rows = [("Queue id", e(found.queue_id)), ("When", e(_when(found.at))),
-                ("Session", e(found.session)), ("Sender", e(found.sender)),
-                ("Decision", e(found.decision)), ("Reason", e(found.reason)),
-                ("Stage", e(found.stage)), ("Decided by", e(found.decided_by or "-")),
-                ("Reply", f"<code>{e(found.reply)}</code>")]
+        names = [("queue_id", "Queue id"), ("session", "Session"), ("sender", "Sender"),
+                 ("client_ip", "Client IP"), ("mail_from", "Return-path"),
+                 ("message_id", "Message-ID"), ("size", "Size (bytes)"),
+                 ("message_class", "Message class"), ("stage", "Stage"),
+                 ("decision", "Decision"), ("reason", "Reason"), ("decided_by", "Decided by")]
+        rows = [("When", e(_when(found["at"])))]
+        rows += [(label, e(found[k])) for k, label in names if found.get(k) not in (None, "")]
+        if "recipients" in found:
+            rows.append(("Recipients (keyed hashes)", e(", ".join(found["recipients"]))))
+        rows.append(("Reply", f"<code>{e(found.get('reply') or '-')}</code>"))
+        if found.get("checks_ms"):
+            rows.append(("Checks", "<br>".join(f"{e(k)}: {e(v)} ms"
+                                               for k, v in found["checks_ms"].items())))
         table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-        return _page(f"decision {found.queue_id}",
-                     f"<h1>Decision {e(found.queue_id)}</h1><table>{table}</table>"
+        return _page(f"decision {queue_id}",
+                     f"<h1>Decision {e(queue_id)}</h1><table>{table}</table>"
                      '<p><a href="/status">Back to the status page</a></p>')

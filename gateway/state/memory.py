@@ -50,6 +50,13 @@ class MemoryStore:
         self._data[key] = (str(value).encode(), expires)
         return value
 
+    async def purge_expired(self) -> int:
+        now = self._now()
+        expired = [k for k, (_, until) in self._data.items() if until is not None and until <= now]
+        for key in expired:
+            del self._data[key]
+        return len(expired)
+
     async def scan(self, prefix: str) -> dict[str, bytes]:
         out = {}
         for key in [k for k in self._data if k.startswith(prefix)]:

@@ -174,10 +174,20 @@ class SQLiteStore:
         return await self._run(self._incr, key, amount, ttl, self._now())
 
     def _scan(self, prefix: str, now: float) -> dict[str, bytes]:
+        # the range lets SQLite walk the primary key's index instead of the whole table
         rows = self._conn().execute(
-            "SELECT key, value FROM kv WHERE substr(key, 1, ?) = ? "
-            "AND (expires IS NULL OR expires > ?)", (len(prefix), prefix, now)).fetchall()
+            "SELECT key, value FROM kv WHERE key >= ? AND key < ? AND substr(key, 1, ?) = ? "
+            "AND (expires IS NULL OR expires > ?)",
+            (prefix, prefix + "\U0010ffff", len(prefix), prefix, now)).fetchall()
         return {k: bytes(v) for k, v in rows}
+
+    def _purge(self, now: float) -> int:
+        return self._conn().execute("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?",
+                                    (now,)).rowcount
+
+    async def purge_expired(self) -> int:
+        """Delete expired keys (read as absent already); the trace retention job calls it."""
+        return await self._run(self._purge, self._now())
 
     async def scan(self, prefix: str) -> dict[str, bytes]:
         return await self._run(self._scan, prefix, self._now())
