@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 RESTART_KEYS = (
     "server.listen", "server.tls_cert", "server.tls_key", "server.require_tls",
     "upstream", "state", "admin", "logging", "dns", "quarantine", "flags", "trace",
+    "limits.sessions_total", "limits.connection_rate", "limits.auth_failures_per_session",
+    "limits.auth_lockout", "limits.auth_window", "limits.auth_delay", "limits.auth_max_delay",
+    "limits.auth_concurrency",
     "limits.throttle_refresh", "limits.adaptive", "limits.adaptive_floor",
     "limits.adaptive_decrease", "limits.adaptive_increase", "limits.adaptive_interval",
     "limits.adaptive_latency",

@@ -70,8 +70,8 @@ def test_trace_by_queue_id_message_id_sender_decision_and_recipient(traced):
         assert (large["decision"], large["reason"]) == ("defer", "large_audience")
     everything = json.loads(trace_cmd(conf, "--sender", "acme", "--since", "2h",
                                       "--json").stdout)
-    assert [(r["decision"], r["reason"]) for r in everything] == [
-        ("accept", "relayed"), ("reject", "return_path_mismatch"), ("defer", "large_audience")]
+    assert sorted((r["decision"], r["reason"]) for r in everything) == [  # (the same second)
+        ("accept", "relayed"), ("defer", "large_audience"), ("reject", "return_path_mismatch")]
     [refused] = json.loads(trace_cmd(conf, "--sender", "acme", "--decision", "reject",
                                      "--json").stdout)
     assert refused["stage"] == "mail" and refused["reply"].startswith("550 5.7.1 Return-path")
