@@ -184,6 +184,20 @@ async def measure(store: Store, campaign: Campaign, individuals: list[str],
     return count, members
 
 
+async def peek(store: Store, campaign: Campaign, individuals: list[str], lists: dict[str, int],
+               window: float) -> tuple[int, int]:
+    """What :func:`measure` would return for this message, without recording anything: the
+    distinct individuals so far plus this message's (an upper bound), and the list members so
+    far plus the lists not yet counted (for ``gateway explain``)."""
+    base = f"audience:{campaign.key}"
+    count = await store.count_distinct(f"{base}:rcpt", [], window)
+    members = int(await store.get(f"{base}:lists") or 0)
+    for list_key, size in lists.items():
+        if await store.get(f"{base}:list:{list_key}") is None:
+            members += size
+    return count + len(set(individuals)), members
+
+
 async def crossed(store: Store, campaign: Campaign, window: float) -> bool:
     """Called for a campaign over the threshold: True for the first such call in the window
     (across every gateway sharing the store), so the crossing is logged and counted once."""

@@ -313,6 +313,28 @@ def _apply_running(args) -> str:
             f"{result['error']['message']}")
 
 
+def cmd_explain(args) -> int:
+    """The real pipeline on one message, without relaying, spending or writing anything."""
+    from gateway.explain import BadInput, explain, parse_at, read_message
+
+    config, registry = _load(args)
+    try:
+        message = read_message(Path(args.message))
+        at = parse_at(args.at)
+        result = asyncio.run(explain(config, registry, message=message,
+                                     client_ip=args.client_ip, mail_from=args.mail_from,
+                                     recipients=args.rcpt, auth=args.auth, helo=args.helo,
+                                     tls=args.tls, at=at))
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print("\n".join(result.lines()))
+    return 0 if result.relayed else 1
+
+
 def cmd_trace(args) -> int:
     """Decisions kept by the running gateway (its state store), through the admin API."""
     from urllib.parse import urlencode
@@ -527,6 +549,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reload", parents=[common], help="have the running gateway re-read "
                    "gateway.toml and the sender files (all or nothing; exit 1 if refused)"
                    ).set_defaults(func=cmd_reload)
+    exp = sub.add_parser("explain", parents=[common], help="run the real checks on a message "
+                         "without relaying it: every check's mode, verdict, reason and time, "
+                         "then the reply (exit 0 relayed, 1 refused or deferred, 2 bad input)")
+    exp.add_argument("message", help="the message file (.eml); bare LF line ends become CRLF")
+    exp.add_argument("--client-ip", required=True, help="the IP address the vendor sends from")
+    exp.add_argument("--mail-from", required=True, help="the envelope sender (return-path); "
+                     "\"\" for the null path")
+    exp.add_argument("--rcpt", action="append", required=True, help="an envelope recipient; "
+                     "repeat")
+    exp.add_argument("--auth", help="decide as if the client authenticated as this SMTP AUTH "
+                     "user name")
+    exp.add_argument("--helo", default="", help="the HELO/EHLO name (default: none)")
+    exp.add_argument("--tls", action="store_true", help="as if the session used STARTTLS")
+    exp.add_argument("--at", help="decide at this time, ISO 8601 (default: now; no zone: UTC), "
+                     "e.g. 2026-11-02T09:30:00-07:00")
+    exp.add_argument("--json", action="store_true", help="the result as JSON")
+    exp.set_defaults(func=cmd_explain)
     trace = sub.add_parser("trace", parents=[common], help="decisions the running gateway kept "
                            "([trace] days), by queue id, Message-ID or sender; exit 1 if none")
     which = trace.add_mutually_exclusive_group(required=True)

@@ -137,3 +137,42 @@ async def test_sqlite_decision_waits_off_the_loop_while_another_writer_holds_the
     assert waited >= 0.25 and ticks >= 3  # it waited for the lock, and not on the loop
     other.close()
     await store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def any_backend(request, tmp_path):
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        return server.url, FakeClock(), tmp_path
+    return ("memory:" if request.param == "memory" else "sqlite:state.sqlite3"), FakeClock(), \
+        tmp_path
+
+
+async def test_peek_answers_as_acquire_would_and_purge_drops_expired_keys(any_backend):
+    """peek (gateway explain, the early refusal) gives the admission a real call would,
+    spending nothing; purge_expired (the trace retention job) drops only expired keys."""
+    from gateway.state import Limit
+
+    url, clock, base = any_backend
+    store = open_store(url, clock, base)
+    now = clock.now().timestamp()
+    limits = [Limit("rate:acme:60", 2, 60)]
+    for i in range(3):  # looking three times leaves the window empty
+        seen = await store.peek(limits, now + i)
+        assert seen.wait == 0.0
+    assert (await store.acquire(limits, now + 3, "a")).used == 1
+    assert (await store.acquire(limits, now + 4, "b")).used == 2
+    full = await store.peek(limits, now + 5)
+    real = await store.acquire(limits, now + 5, "c")
+    assert (full.wait, full.limit) == (real.wait, real.limit)
+    assert full.wait == pytest.approx(58.0) and full.limit == 0
+    later = await store.peek(limits, now + 63.5)  # "a" has left the window
+    assert later.wait == 0.0
+    assert (await store.acquire(limits, now + 63.5, "d")).used == 2  # nothing was spent
+    if not url.startswith("redis"):  # (Redis expires keys itself, on its own clock)
+        await store.set("trace:q:1", b"x", ttl=10)
+        await store.set("kept", b"y")
+        clock.advance(11)
+        assert await store.purge_expired() == 1
+        assert await store.get("kept") == b"y" and await store.scan("trace:") == {}
+    await store.close()

@@ -32,7 +32,7 @@ from typing import Literal
 import structlog
 
 from gateway.audience import (Audience, Campaign, LargestCampaigns, crossed, declared_size,
-                              identify, measure, recipient_hash)
+                              identify, measure, peek, recipient_hash)
 from gateway.business_hours import BusinessHours
 from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, defer, reject
 from gateway.config import CheckSettings
@@ -115,14 +115,27 @@ class LargeAudience(Check):
             return await measure(self.local, campaign, individuals, lists, self.window,
                                  self.threshold), self.local
 
+    async def _peek(self, campaign: Campaign, individuals: list[str],
+                    lists: dict[str, int]) -> tuple[int, int] | None:
+        """What :meth:`_measure` would find, without recording: the audience so far plus this
+        message's recipients (an upper bound: some may be counted already) and its lists not
+        yet counted."""
+        try:
+            return await peek(self.deps.state, campaign, individuals, lists, self.window)
+        except StoreError:
+            return None
+
     async def check(self, ctx: Context) -> Verdict:
         settings = self.settings(ctx)
         sender_id = ctx.sender.id if ctx.sender is not None else f"ip:{ctx.client_ip}"
         campaign = identify(ctx.message, sender_id, settings.campaign_headers, self.key)
         declared = declared_size(ctx.message, settings.size_header)
         individuals, lists = await self._split(ctx.recipients)
-        reached, store = await self._measure(campaign, individuals, lists)
-        known = reached is not None
+        if ctx.dry_run:  # gateway explain: counted as if added, nothing written
+            reached, store = await self._peek(campaign, individuals, lists), self.deps.state
+        else:
+            reached, store = await self._measure(campaign, individuals, lists)
+        known = reached is not None and not ctx.dry_run
         if reached is None:  # what this message alone shows
             reached = (len(set(individuals)), sum(lists.values()))
         audience = Audience(declared, *reached)
