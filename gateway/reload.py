@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # Dotted keys (a section, or section.key) whose change needs a restart: the running process holds
 # sockets, pools, stores, keys or threads built from them at start.
 RESTART_KEYS = (
-    "server.listen", "server.tls_cert", "server.tls_key", "server.require_tls",
+    "server.listen", "server.tls_cert", "server.tls_key", "server.require_tls", "milter", "arc",
     "upstream", "state", "admin", "logging", "dns", "quarantine", "flags", "trace",
     "limits.sessions_total", "limits.connection_rate", "limits.auth_failures_per_session",
     "limits.auth_lockout", "limits.auth_window", "limits.auth_delay", "limits.auth_max_delay",

@@ -136,8 +136,9 @@ class StatusPage:
         rows = [
             ("Version", e(__version__)),
             ("Configuration", f"{e(gw.config.file)}, generation {gw.engine.generation.number}"),
-            ("Upstream", f"{e(gw.upstream.description)}: {relayed} relayed, {upstream_state} "
-                         "in the last hour"),
+            ("Upstream", (f"{e(gw.upstream.description)}: {relayed} relayed, {upstream_state} "
+                          "in the last hour") if gw.upstream is not None
+             else "none (milter only: the MTA in front delivers)"),
             ("State store", f"{e(gw.config.state.url)}: {store}"),
             ("Quarantine", quarantine),
             ("Registered senders", str(len(gw.registry))),
