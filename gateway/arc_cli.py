@@ -51,5 +51,6 @@ def add_parser(sub, common) -> None:
     keygen = arc.add_parser("keygen", parents=[common], help="write a new RSA key to [arc] "
                             "key_file and print its DNS TXT record")
     keygen.add_argument("--force", action="store_true", help="replace an existing key file")
-    keygen.add_argument("--bits", type=int, default=2048, choices=(2048, 3072, 4096))
+    keygen.add_argument("--bits", type=int, default=2048, choices=(2048, 3072, 4096),
+                        help="RSA key size in bits (default: %(default)s)")
     keygen.set_defaults(func=cmd_arc_keygen)
