@@ -281,6 +281,24 @@ class StartError(Exception):
 async def serve(config: Config) -> None:
     registry = load_registry(config.path(config.senders.dir), config.checks,
                              config.limits.ceiling)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task] = set()
+    running: list[Gateway] = []  # the gateway, once it has started
+
+    def hangup() -> None:  # SIGHUP: reload gateway.toml and the sender files
+        if not running:
+            log.warning("reload", actor="signal:SIGHUP", result="ignored",
+                        reason="the gateway is still starting")
+            return
+        task = loop.create_task(running[0].reload("signal:SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # the one place where signals are wired, before the start: no signal is ever fatal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     gateway = None
     try:
         gateway = Gateway(config, registry)
@@ -289,19 +307,7 @@ async def serve(config: Config) -> None:
         if gateway is not None:
             await gateway.stop(grace=0)
         raise StartError(f"cannot start: {exc}") from exc
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task] = set()
-
-    def hangup() -> None:  # SIGHUP: reload gateway.toml and the sender files
-        task = loop.create_task(gateway.reload("signal:SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    # the one place where signals are wired
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, hangup)
+    running.append(gateway)
     await stop.wait()
     if reloads:
         await asyncio.wait(reloads)
