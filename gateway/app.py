@@ -128,10 +128,11 @@ class Gateway:
                     flags=self.flags)
         checks = [c(deps) for c in CHECKS]
         if previous is not None:
-            before = {c.name: c for stage in previous.pipeline.by_stage.values() for c in stage}
+            # by class: two halves of one control (rate_limit at MAIL and DATA) share a name
+            before = {type(c): c for stage in previous.pipeline.by_stage.values() for c in stage}
             for check in checks:
-                if check.name in before:
-                    check.inherit(before[check.name])
+                if type(check) in before:
+                    check.inherit(before[type(check)])
         pipeline = Pipeline(checks, deps,
                             observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
         return Generation(config, registry, pipeline, number)

@@ -10,7 +10,7 @@ import json
 import urllib.error
 import urllib.request
 
-from tests.conftest import EXAMPLE_SENDER, MESSAGE
+from tests.conftest import EXAMPLE_SENDER, MESSAGE, send
 
 PROMO_REFUSED = ("550 5.7.1 Message class promotional (no X-Message-Class header) is not "
                  "permitted for sender acme (registered classes: transactional)")
@@ -160,3 +160,27 @@ def test_reload_needs_the_token(gateways):
     except urllib.error.HTTPError as err:
         assert err.code == 401
     assert gw.metric("gateway_config_reloads_total", result="applied") == 0
+
+
+def test_checks_keep_their_run_time_state_across_a_reload(gateways, sink):
+    """The large-audience campaigns seen (status page, gauge) and the SPF memo survive a reload;
+    each half of a two-stage control takes over its own half."""
+    gw = gateways.start(upstream=sink.url)
+    large = MESSAGE.replace(b"Subject: Hello\r\n", b"Subject: Hello\r\nX-Campaign-ID: gala\r\n"
+                            b"X-Audience-Size: 20000\r\n")
+    client, reply = send(gw, message=large)  # business hours on the tests' clock: deferred
+    client.quit()
+    assert reply[0] == 451
+
+    def checks():
+        return {type(c): c for stage in gw.gateway.pipeline.by_stage.values() for c in stage}
+
+    before = checks()
+    status, _ = reload(gw)
+    assert status == 200
+    after = checks()
+    assert set(before) == set(after) and all(after[t] is not before[t] for t in before)
+    [audience] = [c for t, c in after.items() if t.__name__ == "LargeAudience"]
+    assert audience.largest.active("acme") == [("X-Campaign-ID gala", 20000)]
+    [spf] = [c for t, c in after.items() if t.__name__ == "SenderAuth"]
+    assert spf._spf_memo is before[type(spf)]._spf_memo
