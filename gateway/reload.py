@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 RESTART_KEYS = (
     "server.listen", "server.tls_cert", "server.tls_key", "server.require_tls", "milter", "arc",
     "upstream", "state", "admin", "logging", "dns", "quarantine", "flags", "trace",
-    "limits.sessions_total", "limits.connection_rate", "limits.auth_failures_per_session",
+    "limits.sessions_total", "limits.sessions_per_ip", "limits.sessions_per_sender",
+    "limits.connection_rate", "limits.auth_failures_per_session",
     "limits.auth_lockout", "limits.auth_window", "limits.auth_delay", "limits.auth_max_delay",
     "limits.auth_concurrency",
     "limits.throttle_refresh", "limits.adaptive", "limits.adaptive_floor",
