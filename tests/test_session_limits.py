@@ -177,8 +177,9 @@ def _lockout_then_expiry(gateways, first, second, logs) -> None:
 LOCKOUT = "auth_lockout = 3\nauth_window = 600\nauth_delay = 0\nauth_failures_per_session = 5"
 
 
-def test_lockout_per_ip_after_failures_in_the_window(gateways, tls_files, logs):
-    gw = tls_gateway(gateways, tls_files, LOCKOUT)
+@pytest.mark.parametrize("state", ['url = "memory:"', 'url = "sqlite:state.sqlite3"'])
+def test_lockout_per_ip_after_failures_in_the_window(gateways, tls_files, logs, state):
+    gw = tls_gateway(gateways, tls_files, LOCKOUT, f"[state]\n{state}")
     _lockout_then_expiry(gateways, gw, gw, logs)
 
 
