@@ -280,6 +280,8 @@ class StartError(Exception):
 
 
 async def serve(config: Config) -> None:
+    from gateway import preflight
+
     registry = load_registry(config.path(config.senders.dir), config.checks,
                              config.limits.ceiling)
     stop = asyncio.Event()
@@ -300,6 +302,7 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, hangup)
+    await preflight.check(config)  # the same checks as check-config: path, permission, key
     gateway = None
     try:
         gateway = Gateway(config, registry)

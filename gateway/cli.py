@@ -57,14 +57,21 @@ def cmd_serve(args) -> int:
     from gateway.flags import FlagKeyMismatch
     from gateway.maillog import configure_logging
 
+    from gateway.preflight import PreflightError
+
     config, _ = _load(args)
     configure_logging(config.logging.level, config.logging.format)
     structlog.get_logger("gateway").info("configuration", file=str(config.file),
                                          found_by=args.config_source)
     try:
         asyncio.run(serve(config))
+    except PreflightError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     except FlagKeyMismatch as exc:
-        print(f"error: {config.path(config.flags.key_file)}: {exc}", file=sys.stderr)
+        print(f"error: {config.file}: flags.key_file: {config.path(config.flags.key_file)}: "
+              f"{exc}", file=sys.stderr)
         return 2
     except StartError as exc:
         print(f"error: {config.file}: {exc}", file=sys.stderr)
@@ -73,7 +80,17 @@ def cmd_serve(args) -> int:
 
 
 def cmd_check_config(args) -> int:
+    """Everything ``serve`` checks before it listens, without serving: the configuration, the
+    sender registry, and the paths, permissions and keys it would use (gateway.preflight)."""
+    from gateway.preflight import PreflightError, check
+
     config, registry = _load(args)
+    try:
+        asyncio.run(check(config))
+    except PreflightError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     print(f"{config.file}: OK ({len(registry)} registered sender(s) in "
           f"{config.path(config.senders.dir)})")
     return 0

@@ -223,7 +223,8 @@ def test_another_key_file_is_refused_by_the_cli_and_the_gateway(conf, tmp_path):
                            capture_output=True, text=True, timeout=60,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert serve.returncode == 2
-    assert serve.stderr.startswith(f"error: {key}: the flags key file is not the key")
+    assert serve.stderr.startswith(f"error: {conf}: flags.key_file: {key}: the flags key file is "
+                                   "not the key")
 
 
 def test_replace_while_the_gateway_relays(gateways, sink, tmp_path):
