@@ -27,6 +27,7 @@ from gateway.flags import open_flags
 from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
 from gateway.milter.server import MilterServer
+from gateway.monitor import Monitor
 from gateway.quarantine import Quarantine
 from gateway.recent import Recent
 from gateway.trace import TraceStore
@@ -97,6 +98,7 @@ class Gateway:
         self.recent = Recent(self.clock)  # the last hour's decisions, for the status page
         self.trace = TraceStore(self.store, hash_key, self.clock, cfg.trace.days, self.metrics)
         self.engine.decisions.observers += [self.recent.observe, self.trace.observe]
+        self.monitor = Monitor(self)  # upstream probes, quarantine size, state store health
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
         self.admin_runner: web.AppRunner | None = None
@@ -168,7 +170,7 @@ class Gateway:
             return None
 
         def changed(rate: Rate, why: str) -> None:
-            self.metrics.adaptive_rate.set(rate.per_second * 60)
+            self.metrics.adaptive_rate.set(rate.per_second)
             self.metrics.adaptive_changes.labels(why).inc()
             log.warning("adaptive_rate", rate=str(rate), reason=why)
 
@@ -176,7 +178,7 @@ class Gateway:
                                 limits.adaptive_decrease, limits.adaptive_increase,
                                 limits.adaptive_interval, limits.adaptive_latency, self.clock,
                                 on_change=changed)
-        self.metrics.adaptive_rate.set(adaptive.rate.per_second * 60)
+        self.metrics.adaptive_rate.set(adaptive.rate.per_second)
         return adaptive
 
     def _protocol(self, tls: ssl.SSLContext | None) -> GatewaySMTP:
@@ -211,6 +213,7 @@ class Gateway:
         site = web.TCPSite(self.admin_runner, host, port)
         await site.start()
         self.admin_address = site._server.sockets[0].getsockname()[:2]
+        self.monitor.start()
         if self.config.limits.above_policy:
             log.warning("above_policy", file=str(self.config.file),
                         sender_rate=self.config.limits.sender_rate, policy=POLICY_SENDER_RATE,
@@ -233,6 +236,9 @@ class Gateway:
             await asyncio.wait_for(self.store.ping(), 2)
         except Exception as exc:  # any failure means not ready; say which
             problems.append(f"state: {exc}")
+        upstream = self.monitor.readiness_problem()
+        if upstream:
+            problems.append(f"upstream: {upstream}")
         return problems
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -264,6 +270,7 @@ class Gateway:
         if self.handler is not None:
             await self.handler.drain()
         await self.trace.close()
+        await self.monitor.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         await self.unsubscribe.close()

@@ -135,6 +135,8 @@ class UpstreamConfig:
     pool_wait: float = 30.0
     sender_share: float = 0.5
     transaction_idle: float = 30.0
+    probe: bool = True
+    unreachable_grace: float = 60.0
 
     def validate(self, file, prefix):
         check_upstream_url(file, f"{prefix}.url", self.url)
@@ -155,6 +157,8 @@ class UpstreamConfig:
             raise ConfigError(file, f"{prefix}.sender_share", "must be in (0, 1]")
         if self.transaction_idle <= 0:
             raise ConfigError(file, f"{prefix}.transaction_idle", "must be positive")
+        if self.unreachable_grace < 0:
+            raise ConfigError(file, f"{prefix}.unreachable_grace", "must be 0 or more seconds")
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -364,9 +368,12 @@ class SendersConfig:
 class AdminConfig:
     listen: str = "127.0.0.1:9025"
     token_file: Path = Path("var/admin.token")
+    watch_interval: float = 15.0
 
     def validate(self, file, prefix):
         _check_listen(file, f"{prefix}.listen", self.listen)
+        if self.watch_interval <= 0:
+            raise ConfigError(file, f"{prefix}.watch_interval", "must be positive")
 
 
 @dataclass(frozen=True)

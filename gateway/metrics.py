@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# One vocabulary of decisions across metrics (gateway_messages_total, gateway_recipients_total,
+# gateway_message_classes_total) and the decision log: what happened to a message or recipient.
+DECISIONS = ("accept", "reject", "defer", "quarantine", "drop")
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -11,10 +15,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.messages = Counter(
-            "gateway_messages", "Message decisions by sender, decision and reason",
+            "gateway_messages", "Message decisions by sender, decision (accept, reject, defer, "
+            "quarantine, drop) and reason",
             ["sender", "decision", "reason"], registry=registry)
         self.recipients = Counter(
-            "gateway_recipients", "Recipients by sender and decision",
+            "gateway_recipients", "Recipients by sender and decision (accept, reject, defer, "
+            "quarantine, drop: left out by the recipient flags)",
             ["sender", "decision"], registry=registry)
         self.sessions = Gauge("gateway_sessions_active", "SMTP sessions open now",
                               registry=registry)
@@ -55,14 +61,14 @@ class Metrics:
             "gateway_rate_deferrals", "Messages deferred (451 4.7.1) by rate limits, by sender "
             "and limit (sender, global, recipients)", ["sender", "limit"], registry=registry)
         self.effective_rate = Gauge(
-            "gateway_rate_effective_per_minute", "A sender's effective rate (after its own rate "
-            "and throttles), messages per minute", ["sender"], registry=registry)
+            "gateway_rate_effective_per_second", "A sender's effective rate (after its own rate "
+            "and throttles), messages per second", ["sender"], registry=registry)
         self.budget_used = Gauge(
             "gateway_rate_budget_used", "Messages in the sender's current sliding window",
             ["sender"], registry=registry)
         self.adaptive_rate = Gauge(
-            "gateway_adaptive_rate_per_minute", "The adaptive gateway-wide rate now, messages "
-            "per minute", registry=registry)
+            "gateway_adaptive_rate_per_second", "The adaptive gateway-wide rate now, messages "
+            "per second", registry=registry)
         self.adaptive_changes = Counter(
             "gateway_adaptive_rate_changes", "Adaptive rate steps by direction and cause",
             ["reason"], registry=registry)
@@ -98,7 +104,7 @@ class Metrics:
             "within [business_hours] window (by this gateway)", ["sender"], registry=registry)
 
         # one-click unsubscribes recorded by the gateway (gateway.unsubscribe_endpoint); the
-        # recipients the flags left out are gateway_recipients{decision="dropped"}
+        # recipients the flags left out are gateway_recipients{decision="drop"}
         self.unsubscribes = Counter(
             "gateway_unsubscribes", "One-click unsubscribe requests by outcome: recorded, "
             "replayed (already recorded), invalid, expired, bad_request, unavailable",
@@ -122,6 +128,20 @@ class Metrics:
         self.config_generation = Gauge(
             "gateway_config_generation", "Configuration generation in use for new transactions: "
             "0 at start, one more per applied reload", registry=registry)
+        # what ops watch (gateway.monitor): build, upstream health, quarantine, registrations
+        self.build_info = Gauge("gateway_build_info", "Always 1; the running version in a label",
+                                ["version"], registry=registry)
+        self.upstream_up = Gauge(
+            "gateway_upstream_up", "1 if the last probe of the upstream host succeeded (connect, "
+            "220 banner, EHLO, QUIT; a Maildir: writable), else 0", ["host"], registry=registry)
+        self.state_up = Gauge("gateway_state_up", "1 if the last ping of the state store "
+                              "succeeded, else 0", registry=registry)
+        self.quarantine_messages = Gauge("gateway_quarantine_messages",
+                                         "Messages in the quarantine now", registry=registry)
+        self.registration_expiry = Gauge(
+            "gateway_sender_registration_expiry_timestamp_seconds", "When the sender's "
+            "registration (policy exception) ends: the end of its expires date, UTC, Unix time",
+            ["sender"], registry=registry)
 
     def upstream_reply(self, stage: str, code: int) -> None:
         self.upstream_replies.labels(stage, f"{code // 100}xx").inc()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,6 +110,13 @@ class Quarantine:
             except (OSError, ValueError, TypeError):
                 continue
         return sorted(items, key=lambda i: (i.stored_at, i.id))
+
+    def count(self) -> int:
+        """Messages in the quarantine (gateway_quarantine_messages)."""
+        try:
+            return sum(1 for _ in os.scandir(self.path / "meta"))
+        except FileNotFoundError:
+            return 0
 
     def delete(self, item_id: str) -> None:
         item, _ = self.get(item_id)

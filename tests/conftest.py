@@ -225,7 +225,8 @@ class GatewayFactory:
         if "[admin]" not in sections:
             head += '[admin]\nlisten = "127.0.0.1:0"\n'
         if "[upstream]" not in sections:
-            head += f'[upstream]\nurl = "{upstream or "maildir:maildir"}"\n'
+            # no background probes of the sink (they would count as its sessions)
+            head += f'[upstream]\nurl = "{upstream or "maildir:maildir"}"\nprobe = false\n'
         if "[state]" not in sections:
             head += '[state]\nurl = "memory:"\n'
         if "[senders]" not in sections:

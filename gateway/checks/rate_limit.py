@@ -129,7 +129,7 @@ class RateLimit(Check):
             return await self._look(ctx, sender_id, budget)
         if self.metrics is not None:
             self.metrics.effective_rate.labels(sender_id).set(
-                min(r.per_second for r in sender_rates) * 60)
+                min(r.per_second for r in sender_rates))
         holding = self.settings(ctx).mode == "enforce"
         clock = self.deps.clock
         deadline = clock.monotonic() + (self.max_hold if holding else 0)

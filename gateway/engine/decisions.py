@@ -66,7 +66,8 @@ class Decisions:
         if txn.dry_run:
             return
         ctx = txn.ctx
-        self.metrics.recipients.labels(sender_label(ctx), "refused").inc()
+        decision = "defer" if reply.code < 500 else "reject"  # metrics.DECISIONS
+        self.metrics.recipients.labels(sender_label(ctx), decision).inc()
         # the upstream's text may name the recipient: log its codes only
         said = f"{reply.code} {reply.enhanced}" if reason == "upstream" else str(reply)
         self.maillog.rcpt_refused(txn.session_id, str(ctx.client_ip),
@@ -80,5 +81,5 @@ class Decisions:
         for rcpt in ctx.recipients:
             if rcpt in drop:
                 self.maillog.rcpt_dropped(txn.session_id, txn.queue_id, sender, rcpt, drop[rcpt])
-        self.metrics.recipients.labels(sender_label(ctx), "dropped").inc(
+        self.metrics.recipients.labels(sender_label(ctx), "drop").inc(
             len(ctx.recipients) - kept)
