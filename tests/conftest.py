@@ -224,6 +224,9 @@ class GatewayFactory:
             head += '[server]\nlisten = ["127.0.0.1:0"]\nhostname = "gw.test"\n'
         if "[admin]" not in sections:
             head += '[admin]\nlisten = "127.0.0.1:0"\n'
+        if "[upstream]" in sections and "probe =" not in sections:
+            # no background probes of the sink unless a test asks (they would be its sessions)
+            sections = sections.replace("[upstream]\n", "[upstream]\nprobe = false\n", 1)
         if "[upstream]" not in sections:
             # no background probes of the sink (they would count as its sessions)
             head += f'[upstream]\nurl = "{upstream or "maildir:maildir"}"\nprobe = false\n'
