@@ -218,6 +218,8 @@ class Resolver:
             if self.metrics is not None:
                 self.metrics.dns_seconds.labels(rdtype, outcome).observe(
                     time.perf_counter() - started)
+                if outcome in ("timeout", "servfail", "error"):
+                    self.metrics.dns_failures.labels(outcome).inc()
         if ans.rrset is None:
             return Answer((), ttl=int(ans.chaining_result.minimum_ttl))
         values = tuple(_value(r) for r in ans.rrset)

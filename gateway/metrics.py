@@ -53,6 +53,14 @@ class Metrics:
         self.dns_cache = Counter(
             "gateway_dns_cache_lookups", "DNS look-ups by cache outcome: hit, miss, coalesced "
             "(joined a query in flight); hit ratio = hit / all", ["outcome"], registry=registry)
+        self.dns_failures = Counter(
+            "gateway_dns_failures", "DNS queries that failed, by outcome (timeout, servfail, "
+            "error); SPF and DKIM defer while DNS fails", ["outcome"], registry=registry)
+        # known label values start at 0, so that rate() and the alerts see them from the start
+        for outcome in ("hit", "miss", "coalesced"):
+            self.dns_cache.labels(outcome)
+        for outcome in ("timeout", "servfail", "error"):
+            self.dns_failures.labels(outcome)
 
         # rate limits and throttles (labels: registered sender ids, bounded by the registry)
         self.holds = Counter("gateway_rate_holds", "Messages whose reply was held for budget",
@@ -75,6 +83,9 @@ class Metrics:
         self.state_fallbacks = Counter(
             "gateway_state_fallbacks", "Rate decisions made with per-process limits because the "
             "state store was unreachable ([state] on_error = \"local\")", registry=registry)
+        self.state_errors = Counter(
+            "gateway_state_errors", "Message decisions that could not use the state store "
+            "(a check deferred, reason ending in state_unavailable)", registry=registry)
         self.sessions_refused = Counter(
             "gateway_sessions_refused", "Sessions refused (421 4.7.0) over a cap: ip, sender, "
             "total (sessions_total) or rate (connection_rate); idle: closed (421 4.4.2) for "

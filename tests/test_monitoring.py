@@ -156,7 +156,8 @@ def test_decisions_one_vocabulary_and_rates_per_second(gateways, sink):
     for line in body.splitlines():
         if line.startswith(("gateway_messages_total{", "gateway_recipients_total{",
                             "gateway_message_classes_total{")):
-            decisions.add(line.split('decision="')[1].split('"')[0])
+            if float(line.rsplit(" ", 1)[1]) > 0:  # known label values start at 0
+                decisions.add(line.split('decision="')[1].split('"')[0])
     assert decisions == {"accept", "reject", "defer"}
     assert decisions <= set(DECISIONS)
     assert gw.metric("gateway_recipients_total", sender="acme", decision="reject") == 2
@@ -181,3 +182,47 @@ def test_promtool_check_metrics_on_a_live_gateway(gateways, sink):
                           text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", \
         proc.stdout + proc.stderr
+
+
+def test_state_errors_and_dns_failures_counted(gateways, sink):
+    from gateway.state import StoreError
+
+    gw = gateways.start(upstream=sink.url)
+    for outcome in ("timeout", "servfail", "error"):  # present from the start, at 0
+        assert gw.gateway.metrics_registry.get_sample_value(
+            "gateway_dns_failures_total", {"outcome": outcome}) == 0
+    assert gw.gateway.metrics_registry.get_sample_value("gateway_state_errors_total") == 0
+
+    async def down(*args, **kwargs):
+        raise StoreError("connection refused")
+
+    gw.gateway.store.acquire = down
+    client, reply = send(gw)
+    client.quit()
+    assert reply[0] == 451 and sink.messages == []
+    assert gw.metric("gateway_state_errors_total") == 1
+
+
+async def test_dns_timeout_counts_as_a_failure():
+    """A nameserver that never answers (a bound UDP socket): the query times out and counts."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.clock import SystemClock
+    from gateway.dns import DnsTempError, Resolver
+    from gateway.metrics import Metrics
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    metrics = Metrics(CollectorRegistry())
+    resolver = Resolver(clock=SystemClock(), nameservers=(f"127.0.0.1:{silent.getsockname()[1]}",),
+                        timeout=0.3, metrics=metrics)
+    try:
+        with pytest.raises(DnsTempError):
+            await resolver.query("em.acme.example", "TXT")
+    finally:
+        await resolver.close()
+        silent.close()
+    assert metrics.registry.get_sample_value("gateway_dns_failures_total",
+                                             {"outcome": "timeout"}) == 1
+    assert metrics.registry.get_sample_value("gateway_dns_cache_lookups_total",
+                                             {"outcome": "miss"}) == 1

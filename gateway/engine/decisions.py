@@ -38,6 +38,8 @@ class Decisions:
         ctx, outcome = txn.ctx, txn.outcome
         sender = sender_label(ctx)
         self.metrics.messages.labels(sender, action, reason).inc()
+        if reason.endswith("state_unavailable"):
+            self.metrics.state_errors.inc()
         for name, verdict in outcome.monitored:
             self.metrics.monitored.labels(name, verdict.action).inc()
         if stage == "data":
