@@ -131,7 +131,7 @@ def file_problems(config: Config) -> list[ConfigError]:
         if bad:
             problem(f"server.{bad[0]}", cert if bad[0] == "tls_cert" else key, bad[1])
     up = config.upstream
-    if up.url.startswith("maildir:"):
+    if up.url.startswith("maildir:") and server.listen:  # milter-only opens no upstream
         path = config.path(up.url[len("maildir:"):])
         problem("upstream.url", path, writable_dir(path, ("tmp", "new", "cur")))
     if up.ca_file is not None:
@@ -152,6 +152,10 @@ def file_problems(config: Config) -> list[ConfigError]:
     if log_file is not None:
         path = config.path(log_file)
         problem("logging.file", path, writable_file(path))
+    for i, item in enumerate(getattr(getattr(config, "milter", None), "listen", ())):
+        if item.startswith("unix:"):  # the socket is created (replacing a stale one) at start
+            path = Path(item[len("unix:"):])
+            problem(f"milter.listen[{i}]", path, writable_dir(path.parent))
     path = config.path(config.quarantine.dir)
     problem("quarantine.dir", path, writable_dir(path, ("tmp", "new", "cur", "meta")))
     if config.flags.forward_ca_file is not None:

@@ -235,3 +235,16 @@ def _csv(tmp_path: Path) -> Path:
     path = tmp_path / "ferpa.csv"
     path.write_text("alice@example.edu\n")
     return path
+
+
+def test_milter_socket_directory_not_writable(tmp_path):
+    etc = tmp_path / "etc"
+    conf = write_conf(etc)
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    conf.write_text(conf.read_text() + f'[milter]\nlisten = ["unix:{run}/milter.sock"]\n')
+    check, serve = both(conf, unprivileged=True)
+    line = f"{conf}: milter.listen[0]: {run / 'milter.sock'}: {run} is not writable by this user"
+    fails_with(check, line)
+    fails_with(serve, line)
