@@ -377,7 +377,7 @@ def test_flagged_recipients_are_deleted_and_the_rest_delivered(start, mta, relay
     assert sorted(e["rcpt"] for e in logs.events("rcpt_dropped")) == sorted(
         [maillog.rcpt_id("alice@example.edu"), maillog.rcpt_id("carol@example.edu")])
     assert logs.events("message")[-1]["recipients"] == [maillog.rcpt_id("bob@example.edu")]
-    assert gw.metric("gateway_recipients_total", sender="acme", decision="dropped") == 2
+    assert gw.metric("gateway_recipients_total", sender="acme", decision="drop") == 2
 
 
 def test_every_recipient_flagged_is_accepted_and_discarded(start, mta, relay_sink, tmp_path,
@@ -392,7 +392,7 @@ def test_every_recipient_flagged_is_accepted_and_discarded(start, mta, relay_sin
     assert "milter-discard: END-OF-MESSAGE" in mta.log.read_text()
     decision = logs.events("message")[-1]
     assert (decision["decision"], decision["reason"]) == ("accept", "recipients_dropped")
-    assert gw.metric("gateway_recipients_total", sender="acme", decision="dropped") == 2
+    assert gw.metric("gateway_recipients_total", sender="acme", decision="drop") == 2
 
 
 def test_one_click_unsubscribe_is_rewritten_in_place(start, mta, relay_sink, tmp_path):
