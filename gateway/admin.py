@@ -3,6 +3,7 @@ the token-protected admin API (``/api/...``) that the ``gateway`` CLI is a clien
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 
@@ -10,6 +11,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import audit
 from gateway.rates import Rate, parse_duration
 from gateway.state import StoreError
 from gateway.status_page import StatusPage
@@ -45,18 +47,41 @@ def admin_app(app_state) -> web.Application:
             return web.json_response({"status": "unready", "problems": problems}, status=503)
         return web.json_response({"status": "ready"})
 
+    def token_actor(request: web.Request) -> dict | None:
+        """Who calls: the name of the bearer token given (``[admin] token_file`` or one of
+        ``[admin] token_dir``), as audit actor fields; None if it is none of them."""
+        given = request.headers.get("Authorization", "").encode()
+        tokens = getattr(app_state, "api_tokens", None) or {"admin": app_state.admin_token}
+        name = None
+        for candidate, token in tokens.items():  # every one compared: constant time
+            if hmac.compare_digest(given, f"Bearer {token}".encode()):
+                name = candidate
+        if name is None:
+            return None
+        return audit.api_actor(name, request.headers.get("X-Gateway-OS-User"))
+
     @web.middleware
     async def api_auth(request: web.Request, handler):
         if request.path.startswith("/api/"):
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {app_state.admin_token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            if token_actor(request) is None:
                 return web.json_response({"error": "missing or wrong bearer token"}, status=401)
             try:
                 return await handler(request)
             except StoreError as exc:
                 return web.json_response({"error": f"state store unavailable: {exc}"}, status=503)
         return await handler(request)
+
+    async def audited(request: web.Request, action: str, **changed) -> None:
+        """The audit event of an API action (gateway.audit), in the trail and in this log."""
+        actor = token_actor(request)
+        path = getattr(app_state, "audit_file", None)
+        if path is None:
+            return
+        try:
+            await asyncio.to_thread(audit.record, path, action, actor, **changed)
+        except OSError as exc:  # the action is done: the log keeps the event, and says why
+            log.error("audit_write_failed", path=str(path), error=exc.strerror)
+        log.warning("audit", action=action, **actor, **changed)
 
     def target_of(request: web.Request) -> str:
         target = request.match_info["target"]
@@ -79,12 +104,14 @@ def admin_app(app_state) -> web.Application:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
         throttle = await app_state.throttles.set(target, rate, duration)
         log.warning("throttle_set", target=target, rate=str(rate), seconds=duration)
+        await audited(request, "throttle_set", target=target, rate=str(rate), seconds=duration)
         return web.json_response(throttle.to_json())
 
     async def throttle_clear(request: web.Request) -> web.Response:
         target = target_of(request)
         existed = await app_state.throttles.clear(target)
         log.warning("throttle_cleared", target=target, existed=existed)
+        await audited(request, "throttle_clear", target=target, cleared=existed)
         return web.json_response({"target": target, "cleared": existed})
 
     async def reload(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.adaptive import AdaptiveRate
 from gateway.arc import ArcKeyError, ArcSealer
+from gateway.audit import api_tokens
 from gateway.checks import CHECKS
 from gateway.checks.base import Deps
 from gateway.checks.pipeline import Pipeline
@@ -24,6 +25,7 @@ from gateway.engine import Engine
 from gateway.engine.generation import Generation
 from gateway.engine.sessions import SessionCounts
 from gateway.flags import open_flags
+from gateway.logfile import LogFile
 from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
 from gateway.milter.server import MilterServer
@@ -60,6 +62,7 @@ class Gateway:
     registry: Registry
     clock: Clock = field(default_factory=SystemClock)
     metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    log_file: LogFile | None = None  # [logging] file, reopened on SIGUSR1
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -77,6 +80,8 @@ class Gateway:
         self.quarantine = Quarantine(cfg.path(cfg.quarantine.dir))
         self.throttles = Throttles(self.store, self.clock, cfg.limits.throttle_refresh)
         self.admin_token = load_token(cfg.path(cfg.admin.token_file))
+        self.api_tokens = api_tokens(cfg, self.admin_token)  # name -> token ([admin] token_dir)
+        self.audit_file = cfg.path(cfg.logging.audit_file)
         self.flags = open_flags(cfg, self.store)  # recipient flags, keyed with [flags] key_file
         self.unsubscribe = UnsubscribeEndpoint(config=cfg, flags=self.flags,
                                                registry=self.registry, clock=self.clock,
@@ -241,6 +246,18 @@ class Gateway:
             problems.append(f"upstream: {upstream}")
         return problems
 
+    def reopen_log(self) -> None:
+        """SIGUSR1: reopen ``[logging] file`` (logrotate moved it)."""
+        if self.log_file is None:
+            log.info("sigusr1_ignored", reason="no [logging] file to reopen")
+            return
+        try:
+            self.log_file.reopen()
+        except OSError as exc:  # keep writing to the old file; say why
+            log.error("log_reopen_failed", path=str(self.log_file.path), error=exc.strerror)
+            return
+        log.info("log_reopened", path=str(self.log_file.path))
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop listening; let transactions in progress finish (up to ``grace`` seconds), so
         that no vendor is left without the reply to a message campus mail may have taken."""
@@ -309,10 +326,20 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, hangup)
+    # SIGUSR1 (logrotate's postrotate): reopen [logging] file
+    loop.add_signal_handler(signal.SIGUSR1, lambda: running[0].reopen_log() if running
+                            else log.info("sigusr1_ignored", reason="the gateway is starting"))
     await preflight.check(config)  # the same checks as check-config: path, permission, key
+    log_file = None
+    if config.logging.file is not None:  # from here on the log goes to the file
+        from gateway.logfile import LogFile
+        from gateway.maillog import configure_logging
+
+        log_file = LogFile(config.path(config.logging.file))
+        configure_logging(config.logging.level, config.logging.format, log_file, serving=True)
     gateway = None
     try:
-        gateway = Gateway(config, registry)
+        gateway = Gateway(config, registry, log_file=log_file)
         await gateway.start()
     except (OSError, StoreError) as exc:
         if gateway is not None:

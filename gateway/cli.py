@@ -168,6 +168,21 @@ def cmd_senders_verify(args) -> int:
     return 0
 
 
+def audit_cli(config: Config, action: str, **changed) -> int:
+    """Record a CLI action in the audit trail ([logging] audit_file) with the OS user; 0, or 1
+    (and why, on stderr) when the action was done but could not be recorded."""
+    from gateway import audit
+
+    path = config.path(config.logging.audit_file)
+    try:
+        audit.record(path, action, audit.cli_actor(), **changed)
+    except OSError as exc:
+        print(f"error: done, but not recorded in the audit trail {path}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -224,22 +239,27 @@ def cmd_senders_add(args) -> int:
         return 2
     os.replace(tmp, target)
     print(f"added sender {args.id} ({target}); {_apply_running(args)}")
+    audited = audit_cli(config, "sender_add", sender=args.id, file=str(target),
+                        organization=args.organization, networks=args.network,
+                        domains=args.domain, return_path=args.return_path, expires=args.expires,
+                        auth_username=args.auth_username)
     if password:
         print(f"SMTP AUTH username: {args.auth_username}")
         print(f"SMTP AUTH password: {password}")
         print("The password is shown only now; only its hash is stored.")
-    return 0
+    return audited
 
 
 def cmd_senders_remove(args) -> int:
-    _, registry = _load(args)
+    config, registry = _load(args)
     sender = registry.by_id.get(args.id)
     if sender is None or sender.file is None:
         print(f"no sender with id {args.id!r}", file=sys.stderr)
         return 1
     sender.file.unlink()
     print(f"removed sender {args.id} ({sender.file}); {_apply_running(args)}")
-    return 0
+    return audit_cli(config, "sender_remove", sender=args.id, file=str(sender.file),
+                     organization=sender.organization)
 
 
 def _os_user() -> str:
@@ -276,7 +296,8 @@ def _admin_call(args, method: str, path: str, body: dict | None = None, *,
         f"http://{host}:{port}{path}", method=method,
         data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
-                 "X-Gateway-Actor": f"cli:{_os_user()}"})
+                 "X-Gateway-Actor": f"cli:{_os_user()}",
+                 "X-Gateway-OS-User": _os_user()})  # the audit trail: the OS user next to the token
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -464,6 +485,7 @@ def cmd_quarantine_release(args) -> int:
             await upstream.close()
 
     try:
+        item, _ = quarantine.get(args.id)
         reply, refused = asyncio.run(release())
     except QuarantineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -475,20 +497,24 @@ def cmd_quarantine_release(args) -> int:
         return 1
     kept = " (kept for the refused recipients)" if refused else ""
     print(f"released {args.id}: {reply}{kept}")
-    return 0
+    return audit_cli(config, "quarantine_release", id=args.id, sender=item.sender,
+                     reason=item.reason, reply=f"{reply.code} {reply.enhanced}",
+                     recipients=len(item.recipients), refused=len(refused))
 
 
 def cmd_quarantine_delete(args) -> int:
     from gateway.quarantine import QuarantineError
 
-    _, quarantine = _quarantine(args)
+    config, quarantine = _quarantine(args)
     try:
+        item, _ = quarantine.get(args.id)
         quarantine.delete(args.id)
     except QuarantineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"deleted {args.id}")
-    return 0
+    return audit_cli(config, "quarantine_delete", id=item.id, sender=item.sender,
+                     reason=item.reason, recipients=len(item.recipients))
 
 
 def _rate(text: str) -> str:

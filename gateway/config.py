@@ -368,6 +368,7 @@ class SendersConfig:
 class AdminConfig:
     listen: str = "127.0.0.1:9025"
     token_file: Path = Path("var/admin.token")
+    token_dir: Path | None = None
     watch_interval: float = 15.0
 
     def validate(self, file, prefix):
@@ -382,6 +383,8 @@ class LoggingConfig:
     format: Literal["json", "console"] = "json"
     recipients: Literal["hashed", "clear"] = "hashed"
     hash_key_file: Path = Path("var/recipient-hash.key")
+    file: Path | None = None
+    audit_file: Path = Path("var/audit.jsonl")
 
 
 @dataclass(frozen=True)

@@ -123,14 +123,21 @@ def cmd_import(args) -> int:
                 return 1
             size = await flags.replace(name, members)
             print(f"{_describe(name)}: replaced; {size} member(s) (was {current})")
+            audited = audit_cli(config, "flags_replace", set=name, file=str(args.file),
+                                rows=len(rows.addresses), bad_rows=len(rows.bad), size=size,
+                                was=current)
         else:
             added = await flags.add(name, members)
             print(f"{_describe(name)}: {added} added, {len(members) - added} already present")
+            audited = audit_cli(config, "flags_import", set=name, file=str(args.file),
+                                rows=len(rows.addresses), bad_rows=len(rows.bad), added=added)
         if rows.header:
             print(f"line {rows.header[0]} read as the header row ({rows.header[1]})")
         if rows.bad:
             print(f"{len(rows.bad)} bad row(s) left out (listed above, --skip-bad)")
-        return 0
+        return audited
+
+    from gateway.cli import audit_cli
 
     return _run(config, work)
 

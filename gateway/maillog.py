@@ -19,11 +19,13 @@ from pathlib import Path
 import structlog
 
 
-def configure_logging(level: str, fmt: str, stream=None) -> None:
+def configure_logging(level: str, fmt: str, stream=None, serving: bool | None = None) -> None:
     """structlog for the gateway's own events, and every standard-library logger (aiosmtpd's
     ``mail.log``, aiohttp, asyncio, warnings) through the same renderer onto the same stream:
     with ``format = "json"`` every line is one JSON object. A %-formatted stdlib message is
-    rendered first and becomes the ``event`` field, so client bytes in it are JSON-escaped."""
+    rendered first and becomes the ``event`` field, so client bytes in it are JSON-escaped.
+    ``serving``: the gateway process (default: when writing to standard output), whose
+    uncaught exceptions are logged too; ``stream`` may be a gateway.logfile.LogFile."""
     out = stream or sys.stdout
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
@@ -56,7 +58,8 @@ def configure_logging(level: str, fmt: str, stream=None) -> None:
     # log says what matters, with recipients hashed; its warnings and errors still come through
     logging.getLogger("mail.log").setLevel(max(threshold, logging.WARNING))
     logging.captureWarnings(True)
-    if stream is None:  # the serving process: an uncaught exception is a log line, too
+    if stream is None if serving is None else serving:
+        # the serving process: an uncaught exception is a log line, too
         logging.raiseExceptions = False
         sys.excepthook = _log_uncaught
         threading.excepthook = lambda a: _log_uncaught(a.exc_type, a.exc_value, a.exc_traceback)

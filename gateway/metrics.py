@@ -149,6 +149,10 @@ class Metrics:
                               "succeeded, else 0", registry=registry)
         self.quarantine_messages = Gauge("gateway_quarantine_messages",
                                          "Messages in the quarantine now", registry=registry)
+        self.admin_actions = Counter(
+            "gateway_admin_actions", "Administrative actions in the audit trail ([logging] "
+            "audit_file), by action, whoever took them (CLI or admin API)", ["action"],
+            registry=registry)
         self.registration_expiry = Gauge(
             "gateway_sender_registration_expiry_timestamp_seconds", "When the sender's "
             "registration (policy exception) ends: the end of its expires date, UTC, Unix time",

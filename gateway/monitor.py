@@ -4,7 +4,8 @@
   deadline; a Maildir: its directories writable) into ``gateway_upstream_up{host}``, and how long
   campus mail has been unreachable (every host down) for ``/readyz``;
 * the state store pinged into ``gateway_state_up``;
-* the quarantine's size into ``gateway_quarantine_messages`` (counted off the event loop).
+* the quarantine's size into ``gateway_quarantine_messages`` (counted off the event loop);
+* the audit trail's new events into ``gateway_admin_actions_total{action}``.
 
 Registration expiries and the build are set once at start (:func:`static_metrics`).
 """
@@ -115,6 +116,10 @@ def static_metrics(gateway) -> None:
 
     metrics = gateway.metrics
     metrics.build_info.labels(version()).set(1)
+    from gateway.audit import ACTIONS
+
+    for action in ACTIONS:
+        metrics.admin_actions.labels(action)
     for sender in gateway.registry.senders:
         metrics.registration_expiry.labels(sender.id).set(expiry_timestamp(sender.expires))
         metrics.holds.labels(sender.id)
@@ -137,6 +142,9 @@ class Monitor:
         self.last_problem = ""
         self._task: asyncio.Task | None = None
         self._tls: ssl.SSLContext | None = None
+        from gateway.audit import AuditCounter
+
+        self.audit = AuditCounter(cfg.path(cfg.logging.audit_file))
 
     def start(self) -> None:
         static_metrics(self.gw)
@@ -162,12 +170,17 @@ class Monitor:
             await asyncio.sleep(self.interval)
 
     async def tick(self) -> None:
-        await asyncio.gather(self._quarantine(), self._state(),
+        await asyncio.gather(self._quarantine(), self._state(), self._audit(),
                              *([self._upstreams()] if self.probe else []))
 
     async def _quarantine(self) -> None:
         count = await asyncio.to_thread(self.gw.quarantine.count)
         self.gw.metrics.quarantine_messages.set(count)
+
+    async def _audit(self) -> None:
+        """Count the audit trail's new events, whoever wrote them (CLI or this API)."""
+        for action, n in (await asyncio.to_thread(self.audit.read_new)).items():
+            self.gw.metrics.admin_actions.labels(action).inc(n)
 
     async def _state(self) -> None:
         try:

@@ -148,14 +148,32 @@ def file_problems(config: Config) -> list[ConfigError]:
                       ("flags.key_file", config.flags.key_file)):
         path = config.path(path)
         problem(key, path, secret_file(path))
-    log_file = getattr(config.logging, "file", None)
-    if log_file is not None:
-        path = config.path(log_file)
+    if config.logging.file is not None:
+        path = config.path(config.logging.file)
         problem("logging.file", path, writable_file(path))
+    path = config.path(config.logging.audit_file)
+    problem("logging.audit_file", path, writable_file(path))
+    if config.admin.token_dir is not None:
+        path = config.path(config.admin.token_dir)
+        reason = None if path.is_dir() else "is not a directory"
+        for token in sorted(path.glob("*.token")) if reason is None else ():
+            reason = reason or readable_file(token)
+            if reason:
+                reason = f"{token.name}: {reason}"
+                break
+        problem("admin.token_dir", path, reason)
     for i, item in enumerate(getattr(getattr(config, "milter", None), "listen", ())):
         if item.startswith("unix:"):  # the socket is created (replacing a stale one) at start
             path = Path(item[len("unix:"):])
             problem(f"milter.listen[{i}]", path, writable_dir(path.parent))
+    arc = getattr(config, "arc", None)
+    if arc is not None and arc.domain:  # sealing on: the key is read at start
+        from gateway.arc import ArcKeyError, load_key
+
+        try:
+            load_key(config.path(arc.key_file))
+        except ArcKeyError as exc:
+            out.append(ConfigError(config.file, "arc.key_file", str(exc)))
     path = config.path(config.quarantine.dir)
     problem("quarantine.dir", path, writable_dir(path, ("tmp", "new", "cur", "meta")))
     if config.flags.forward_ca_file is not None:

@@ -226,3 +226,23 @@ async def test_dns_timeout_counts_as_a_failure():
                                              {"outcome": "timeout"}) == 1
     assert metrics.registry.get_sample_value("gateway_dns_cache_lookups_total",
                                              {"outcome": "miss"}) == 1
+
+
+def test_ops_keys_documented_with_their_defaults():
+    """The keys this part added are in the shipped gateway.toml, with their defaults."""
+    import re
+    from pathlib import Path
+
+    from gateway.config import AdminConfig, LoggingConfig, UpstreamConfig, load_config
+
+    shipped = Path(__file__).resolve().parent.parent / "gateway.toml"
+    config = load_config(shipped)
+    assert config.upstream == UpstreamConfig() and config.logging == LoggingConfig()
+    assert config.admin == AdminConfig()
+    text = shipped.read_text()
+    for section, keys in {"upstream": ["probe = true", "unreachable_grace = 60.0"],
+                          "admin": ["watch_interval = 15.0", "# token_dir = "],
+                          "logging": ["# file = ", 'audit_file = "var/audit.jsonl"']}.items():
+        body = re.search(rf"^\[{section}\]\n(.*?)(?=^\[)", text, re.M | re.S).group(1)
+        for key in keys:
+            assert re.search(rf"^{re.escape(key)}", body, re.M), (section, key)

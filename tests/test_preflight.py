@@ -148,6 +148,7 @@ def test_read_only_configuration_directory_as_shipped(tmp_path):
              f"{conf}: admin.token_file: {etc / 'var/admin.token'}: {why}",
              f"{conf}: logging.hash_key_file: {etc / 'var/recipient-hash.key'}: {why}",
              f"{conf}: flags.key_file: {etc / 'var/flags.key'}: {why}",
+             f"{conf}: logging.audit_file: {etc / 'var/audit.jsonl'}: {why}",
              f"{conf}: quarantine.dir: {etc / 'var/quarantine'}: {why}"]
     fails_with(check, *lines)
     fails_with(serve, *lines)
@@ -246,5 +247,39 @@ def test_milter_socket_directory_not_writable(tmp_path):
     conf.write_text(conf.read_text() + f'[milter]\nlisten = ["unix:{run}/milter.sock"]\n')
     check, serve = both(conf, unprivileged=True)
     line = f"{conf}: milter.listen[0]: {run / 'milter.sock'}: {run} is not writable by this user"
+    fails_with(check, line)
+    fails_with(serve, line)
+
+
+def test_log_file_audit_file_and_token_dir(tmp_path):
+    etc = tmp_path / "etc"
+    logs = tmp_path / "log"
+    logs.mkdir()
+    (logs / "audit.jsonl").write_text("")
+    (logs / "audit.jsonl").chmod(0o444)
+    logs.chmod(0o555)
+    tokens = etc / "tokens"
+    tokens.mkdir(parents=True)
+    (tokens / "alice.token").write_text("alice-secret-token-0123456789\n")
+    (tokens / "alice.token").chmod(0)
+    conf = write_conf(etc, admin='token_dir = "tokens"')
+    conf.write_text(conf.read_text() + f'[logging]\nfile = "{logs / "gateway.log"}"\n'
+                    f'audit_file = "{logs / "audit.jsonl"}"\n')
+    check, serve = both(conf, unprivileged=True)
+    lines = [f"{conf}: logging.file: {logs / 'gateway.log'}: does not exist and cannot be "
+             f"created: {logs} is not writable by this user",
+             f"{conf}: logging.audit_file: {logs / 'audit.jsonl'}: is not writable by this user",
+             f"{conf}: admin.token_dir: {tokens}: alice.token: cannot read: Permission denied"]
+    fails_with(check, *lines)
+    fails_with(serve, *lines)
+
+
+def test_arc_key_missing_when_sealing_is_on(tmp_path):
+    etc = tmp_path / "etc"
+    conf = write_conf(etc)
+    conf.write_text(conf.read_text() + '[arc]\ndomain = "gw.example.edu"\nselector = "arc2026"\n'
+                    'key_file = "arc.key"\n')
+    check, serve = both(conf)
+    line = f"{conf}: arc.key_file: {etc / 'arc.key'}: cannot read: No such file or directory"
     fails_with(check, line)
     fails_with(serve, line)

@@ -66,3 +66,55 @@ def test_sighup_reloads_and_never_kills(tmp_path):
     finally:
         code = served.stop()
     assert code == 0
+
+
+def wait_for_line(path: Path, event: str, timeout: float = 20) -> dict:
+    """The first log line of ``event`` in the file at ``path`` (written by another process:
+    polled, with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.get("event") == event:
+                    return entry
+        assert time.monotonic() < deadline, f"no {event!r} line in {path}"
+        time.sleep(0.05)
+
+
+def test_log_file_reopened_on_sigusr1(tmp_path):
+    """[logging] file: every line JSON in the file; after logrotate's rename, SIGUSR1 makes
+    the gateway write to a new file at the same path, and nothing is lost."""
+    conf = write_conf(tmp_path / "etc")
+    log = tmp_path / "log" / "gateway.log"
+    conf.write_text(conf.read_text() + f'[logging]\nfile = "{log}"\n')
+    served = Served(conf)
+    try:
+        wait_for_line(log, "started")
+        rotated = log.with_name("gateway.log.1")
+        log.rename(rotated)  # logrotate
+        served.proc.send_signal(signal.SIGUSR1)
+        reopened = wait_for_line(log, "log_reopened")
+        assert reopened["path"] == str(log) and reopened["level"] == "info"
+        served.proc.send_signal(signal.SIGHUP)  # a reload keeps writing to the new file
+        assert wait_for_line(log, "reload")["result"] == "applied"
+        assert served.proc.poll() is None
+    finally:
+        code = served.stop()
+    assert code == 0
+    old = [json.loads(line)["event"] for line in rotated.read_text().splitlines()]
+    new = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert "started" in old and "log_reopened" not in old
+    assert new[0] == "log_reopened" and new[-1] == "stopped"
+    assert (log.stat().st_mode & 0o777) == 0o640
+
+
+def test_sigusr1_without_a_log_file_is_harmless(tmp_path):
+    served = Served(write_conf(tmp_path / "etc"))
+    try:
+        served.next_event("started")
+        served.proc.send_signal(signal.SIGUSR1)
+        assert served.next_event("sigusr1_ignored")["reason"] == "no [logging] file to reopen"
+        assert served.proc.poll() is None
+    finally:
+        assert served.stop() == 0
