@@ -185,3 +185,29 @@ def test_example_configuration_starts_in_a_scratch_root(tmp_path):
     made = {p.name for p in (root / "var/lib/ecomm-gateway").iterdir()}
     assert made - {"state.sqlite3-shm", "state.sqlite3-wal"} == {
         "admin.token", "flags.key", "quarantine", "recipient-hash.key", "state.sqlite3"}
+
+
+def test_host_prometheus_configuration(tmp_path):
+    """README "Deploy" step 6: deploy/prometheus/prometheus.yml next to the alerts installed as
+    /etc/prometheus/ecomm-gateway-alerts.yml passes promtool check config."""
+    promtool = need("promtool")
+    prometheus = ROOT / "deploy" / "prometheus"
+    shutil.copy(prometheus / "prometheus.yml", tmp_path / "prometheus.yml")
+    shutil.copy(prometheus / "alerts.yml", tmp_path / "ecomm-gateway-alerts.yml")
+    proc = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS: 9 rules found" in proc.stdout
+    text = (prometheus / "prometheus.yml").read_text()
+    assert "job_name: ecomm-gateway" in text and 'targets: ["127.0.0.1:9025"]' in text
+    example = load_config(SYSTEMD / "gateway.toml")
+    assert example.admin.listen == "127.0.0.1:9025"  # what the scrape job targets
+
+
+def test_logrotate_signals_the_gateway_to_reopen_its_file():
+    text = (ROOT / "deploy" / "logrotate" / "ecomm-gateway").read_text()
+    assert text.startswith("# /etc/logrotate.d/ecomm-gateway")
+    assert "/var/log/ecomm-gateway/*.log {" in text
+    assert "systemctl kill --signal=USR1 --kill-whom=main ecomm-gateway.service" in text
+    assert "copytruncate" not in text  # the gateway reopens: nothing copied, nothing lost
+    assert "LogsDirectory=ecomm-gateway\n" in UNIT.read_text()
