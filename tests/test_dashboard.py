@@ -125,28 +125,31 @@ def test_dashboard_and_alerts_against_a_real_prometheus(gateways, sink, tmp_path
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus is not installed (.ci/run installs it)")
-    started = time.monotonic()
     gw = gateways.start(f"""
 [upstream]
 url = "{sink.url}"
 probe = true
 timeout = 5.0
+pool_wait = 5.0
 [limits]
-sender_rate = "2/minute"
+sender_rate = "3/minute"
 max_hold = 0
 """)
     traffic(gw, sink)  # accepted, refused at DATA and RCPT, deferred by campus mail (451)
-    client, reply = send(gw)  # over the sender's 2/minute
-    assert reply[0] == 451 and reply[1].startswith(b"4.7.1")
-    client.quit()
     big = MESSAGE.replace(b"Subject: Hello\r\n", b"Subject: Gala\r\nX-Audience-Size: 20000\r\n")
     client, reply = send(gw, message=big)  # Monday 08:00 in Denver: business hours
     assert reply[0] == 451 and b"business hours" in reply[1]
     client.quit()
+    client, reply = send(gw)  # the third of the sender's 3/minute
+    assert reply[0] == 250
+    client.quit()
+    client, reply = send(gw)  # over the rate: refused early, at MAIL
+    assert reply[0] == 451 and reply[1].startswith(b"4.7.1")
+    client.quit()
     host, port = gw.gateway.admin_address
     prom = Prometheus(binary, tmp_path, f"{host}:{port}")
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a bound, not a speed target: usually 3 s
         prom.wait(lambda: prom.query('count_over_time(up{job="ecomm-gateway"}[1m]) >= 3'),
                   deadline)
         assert prom.query('up{job="ecomm-gateway"}')[0]["value"][1] == "1"
@@ -166,7 +169,6 @@ max_hold = 0
         assert empty == [], "queries without a series:\n" + "\n".join(empty)
     finally:
         prom.stop()
-    assert time.monotonic() - started < 30
 
 
 def test_dashboard_has_the_panels_ops_need_and_a_sender_variable():

@@ -51,8 +51,8 @@ def traffic(gw, sink) -> None:
 
 
 def probing(sink_url: str, extra: str = "") -> str:
-    return f'[upstream]\nurl = "{sink_url}"\nprobe = true\ntimeout = 1.0\nunreachable_grace = 60\n' \
-        + extra
+    return (f'[upstream]\nurl = "{sink_url}"\nprobe = true\ntimeout = 1.0\npool_wait = 1.0\n'
+            'unreachable_grace = 60\n' + extra)
 
 
 def test_build_info_and_registration_expiry(gateways):
