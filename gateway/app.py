@@ -92,12 +92,13 @@ class Gateway:
                              clock=self.clock, maillog=self.maillog, metrics=self.metrics)
         # sessions per IP and per sender, counted across both fronts
         self.counts = SessionCounts(cfg.limits, self.metrics)
+        arc = self._arc_sealer()
         self.handler = Handler(engine=self.engine, upstream=self.upstream, maillog=self.maillog,
                                metrics=self.metrics, adaptive=self.adaptive, store=self.store,
-                               arc=self._arc_sealer(), counts=self.counts) \
+                               arc=arc, counts=self.counts) \
             if self.upstream is not None else None
         self.milter = MilterServer(config=cfg, engine=self.engine, maillog=self.maillog,
-                                   metrics=self.metrics, counts=self.counts) \
+                                   metrics=self.metrics, counts=self.counts, arc=arc) \
             if cfg.milter.listen else None
         self.reloader = Reloader(self)
         self.recent = Recent(self.clock)  # the last hour's decisions, for the status page

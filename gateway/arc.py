@@ -2,13 +2,15 @@
 mail can still trust the gateway's Authentication-Results after the gateway's own changes broke
 the vendor's DKIM signature.
 
-With ``[arc] domain``, ``selector`` and ``key_file`` set, the SMTP front seals a relayed message
+With ``[arc] domain``, ``selector`` and ``key_file`` set, the gateway seals a relayed message
 when ``seal = "changed"`` (the default) and the gateway changed a message the vendor signed
 (DKIM-Signature or an ARC set in the message as received, and header fields removed or replaced:
 the one-click unsubscribe rewrite, forged Authentication-Results), or always with
 ``seal = "always"``. The seal is computed over exactly the bytes relayed, after every header the
 gateway adds or removes, and its three fields (ARC-Seal, ARC-Message-Signature,
-ARC-Authentication-Results) are put on top.
+ARC-Authentication-Results) are put on top: by the SMTP front itself, or, behind an MTA (the
+milter front), as the first of the header fields the gateway asks the MTA to insert (below the
+MTA's own Received field, which the seal does not cover).
 
 Existing ARC sets are kept and chained: the incoming chain is verified (dkimpy's ARC verifier,
 keys fetched through the gateway's resolver and cache) and its status goes into an
@@ -42,9 +44,11 @@ from dkim.crypto import parse_pem_private_key
 from gateway.dns import DnsNameError, DnsTempError
 
 if TYPE_CHECKING:
+    from gateway.checks.base import Context
     from gateway.clock import Clock
     from gateway.config import Config
     from gateway.dns import Resolver
+    from gateway.engine import Result
     from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.arc")
@@ -153,26 +157,48 @@ class ArcSealer:
     async def seal(self, received: bytes, relayed: bytes, sender: str = "unknown") -> bytes:
         """``relayed`` (every byte that goes to campus mail) with the gateway's ARC set on top;
         unchanged when it cannot be sealed (logged)."""
+        fields = await self.fields(received, relayed, sender)
+        return b"".join(f"{name}: {value}\r\n".encode() for name, value in fields) + relayed
+
+    async def fields(self, received: bytes, relayed: bytes, sender: str = "unknown"
+                     ) -> list[tuple[str, str]]:
+        """The header fields that go on top of ``relayed``, in order: the ARC set, then the
+        Authentication-Results field that carries the incoming chain's status (values folded
+        with CRLF, as signed); [] when the message cannot be sealed (logged). For a front that
+        adds header fields rather than writing the bytes (the milter)."""
         cv, why = "none", ""
         if _ARC_SEAL.search(_head(received)):
             cv, why = await self.resolver.in_thread(_chain, received)  # (a worker thread)
         ar = f"Authentication-Results: {self.hostname}; arc={cv}\r\n".encode()
-        message = ar + relayed
         try:
-            # two RSA-2048 signatures in dkimpy's pure-Python RSA: ~55 ms of CPU whatever the
+            # two RSA-2048 signatures in dkimpy's pure-Python RSA: ~15 ms of CPU whatever the
             # size (bench/arc_bench.py), so always off the event loop
-            fields = await asyncio.to_thread(self._sign, message)
+            signed = await asyncio.to_thread(self._sign, ar + relayed)
         except Exception as exc:  # dkimpy ParameterError (instance limit), key trouble
             log.warning("arc_seal_failed", error=str(exc)[:200], sender=sender)
-            return relayed
-        if not fields:
+            return []
+        if not signed:
             log.warning("arc_seal_failed", error="dkimpy produced no ARC set", sender=sender)
-            return relayed
+            return []
         if cv == "fail":
             log.info("arc_chain_failed", reason=str(why)[:200], sender=sender)
         if self.metrics is not None:
             self.metrics.auth_results.labels("arc", cv, sender).inc()
-        return b"".join(fields) + message
+        out = []
+        for field in [*signed, ar]:  # b"Name: value\r\n" (folded with CRLF SP)
+            name, _, value = field.decode("ascii").partition(": ")
+            out.append((name, value.removesuffix("\r\n")))
+        return out
+
+    async def seal_result(self, ctx: Context, result: Result) -> None:
+        """For a front whose MTA writes the message (the milter): when wanted, the seal's
+        fields go first among the header fields the gateway adds (``result.headers``, inserted
+        at the top), computed over those added fields and the message as the MTA keeps it."""
+        if not self.wanted(ctx.raw, result.content):
+            return
+        added = b"".join(f"{name}: {value}\r\n".encode() for name, value in result.headers)
+        sender = ctx.sender.id if ctx.sender is not None else "unknown"
+        result.headers[:0] = await self.fields(ctx.raw, added + result.content, sender)
 
     def _sign(self, message: bytes) -> list[bytes]:
         present = {m.group(1).lower().decode() for m in _FIELD_NAME.finditer(_head(message))}

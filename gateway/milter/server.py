@@ -15,6 +15,7 @@ from gateway.engine.sessions import SessionCounts
 from gateway.milter.session import MilterSession
 
 if TYPE_CHECKING:
+    from gateway.arc import ArcSealer
     from gateway.config import Config
     from gateway.engine import Engine
     from gateway.maillog import MailLog
@@ -25,9 +26,11 @@ log = structlog.get_logger("gateway.milter")
 
 class MilterServer:
     def __init__(self, *, config: Config, engine: Engine, maillog: MailLog,
-                 metrics: Metrics, counts: SessionCounts | None = None) -> None:
+                 metrics: Metrics, counts: SessionCounts | None = None,
+                 arc: ArcSealer | None = None) -> None:
         self.config = config
         self.counts = counts or SessionCounts(config.limits, metrics)
+        self.arc = arc  # [arc]: seal what the MTA relays (gateway.arc)
         self.engine = engine
         self.maillog = maillog
         self.metrics = metrics

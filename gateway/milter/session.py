@@ -330,6 +330,8 @@ class MilterSession:
             log.info("milter_queue_id", session=self.id, queue_id=txn.queue_id,
                      mta_queue_id=self.macros["i"])
         result = await self.engine.content(txn, raw)
+        if result.kind == "relay" and self.server.arc is not None:
+            await self.server.arc.seal_result(txn.ctx, result)
         if result.kind == "reply":
             if result.reply.ok:  # every recipient dropped: accepted, delivered to no one
                 return [m.Discard()]
