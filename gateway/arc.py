@@ -150,8 +150,9 @@ class ArcSealer:
         self.metrics = metrics
 
     def wanted(self, received: bytes, relayed_content: bytes) -> bool:
-        """Seal this message? ``received``: as the client sent it; ``relayed_content``: the
-        same after the gateway removed header fields (its added ones not included)."""
+        """Seal this message? ``received``: as the client sent it (``Result.received``, forged
+        Authentication-Results still in); ``relayed_content``: the same after the gateway
+        removed header fields (its added ones not included)."""
         return self.always or (relayed_content != received and vendor_signed(received))
 
     async def seal(self, received: bytes, relayed: bytes, sender: str = "unknown") -> bytes:
@@ -194,11 +195,11 @@ class ArcSealer:
         """For a front whose MTA writes the message (the milter): when wanted, the seal's
         fields go first among the header fields the gateway adds (``result.headers``, inserted
         at the top), computed over those added fields and the message as the MTA keeps it."""
-        if not self.wanted(ctx.raw, result.content):
+        if not self.wanted(result.received, result.content):
             return
         added = b"".join(f"{name}: {value}\r\n".encode() for name, value in result.headers)
         sender = ctx.sender.id if ctx.sender is not None else "unknown"
-        result.headers[:0] = await self.fields(ctx.raw, added + result.content, sender)
+        result.headers[:0] = await self.fields(result.received, added + result.content, sender)
 
     def _sign(self, message: bytes) -> list[bytes]:
         present = {m.group(1).lower().decode() for m in _FIELD_NAME.finditer(_head(message))}

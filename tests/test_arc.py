@@ -151,6 +151,16 @@ def test_unchanged_signed_message_is_not_sealed_by_default(start, sink):
     assert content.endswith(raw) and b"ARC-Seal" not in content
 
 
+def test_removed_forged_results_count_as_a_change(start, sink, dnsfunc):
+    gw = start(rewrite=False)
+    raw = b"Authentication-Results: gw.test; dkim=pass header.d=acme.example\r\n" + \
+        signed_promo()
+    assert deliver(gw, raw)[0] == 250
+    content = sink.messages[0].content
+    assert b"gw.test; dkim=pass header.d=acme.example" not in content  # the forged one: gone
+    assert dkim.arc_verify(content, dnsfunc=dnsfunc)[0] == b"pass"
+
+
 def test_unsigned_message_is_sealed_when_configured_always(start, sink, dnsfunc):
     gw = start(seal="always", rewrite=False)
     raw = promo()

@@ -266,9 +266,9 @@ class Handler:
         head = self.engine.received(txn)
         head += b"".join(f"{name}: {value}\r\n".encode() for name, value in result.headers)
         data = head + result.content
-        if self.arc is not None and self.arc.wanted(txn.ctx.raw, result.content):
+        if self.arc is not None and self.arc.wanted(result.received, result.content):
             sender = txn.ctx.sender.id if txn.ctx.sender is not None else "unknown"
-            data = await self.arc.seal(txn.ctx.raw, data, sender)
+            data = await self.arc.seal(result.received, data, sender)
         started = time.perf_counter()
         reply = await upstream.data(data)
         envelope.gateway = None  # finished; a cancelled hook leaves it for the abort on close
