@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +41,7 @@ import structlog
 from dkim.crypto import parse_pem_private_key
 
 from gateway.dns import DnsNameError, DnsTempError
+from gateway.message.headers import HeaderError, split
 
 if TYPE_CHECKING:
     from gateway.checks.base import Context
@@ -58,23 +58,24 @@ INSTANCE_LIMIT = 50  # RFC 8617 4.2.1
 SIGNED = ("from", "reply-to", "subject", "date", "message-id", "to", "cc", "mime-version",
           "content-type", "content-transfer-encoding", "list-id", "list-unsubscribe",
           "list-unsubscribe-post", "feedback-id")
-_SIGNED_BY_VENDOR = re.compile(rb"(?im)^(dkim-signature|arc-seal)[ \t]*:")
-_ARC_SEAL = re.compile(rb"(?im)^arc-seal[ \t]*:")
-_FIELD_NAME = re.compile(rb"(?m)^([!-9;-~]+)[ \t]*:")
 
 
 class ArcKeyError(ValueError):
     """The [arc] key_file cannot be used."""
 
 
-def _head(raw: bytes) -> bytes:
-    end = raw.find(b"\r\n\r\n")
-    return raw if end < 0 else raw[:end + 2]
+def _names(raw: bytes) -> set[str]:
+    """The lower-cased field names of the message's header block, as the canonical split
+    (gateway.message.headers) sees them."""
+    try:
+        return {f.name.lower() for f in split(raw).fields}
+    except HeaderError:  # (not reached: only an admitted message is relayed)
+        return set()
 
 
 def vendor_signed(raw: bytes) -> bool:
     """The message as received carries a DKIM signature or an ARC set."""
-    return _SIGNED_BY_VENDOR.search(_head(raw)) is not None
+    return bool(_names(raw) & {"dkim-signature", "arc-seal"})
 
 
 def load_key(path: Path) -> bytes:
@@ -168,7 +169,7 @@ class ArcSealer:
         with CRLF, as signed); [] when the message cannot be sealed (logged). For a front that
         adds header fields rather than writing the bytes (the milter)."""
         cv, why = "none", ""
-        if _ARC_SEAL.search(_head(received)):
+        if "arc-seal" in _names(received):
             cv, why = await self.resolver.in_thread(_chain, received)  # (a worker thread)
         ar = f"Authentication-Results: {self.hostname}; arc={cv}\r\n".encode()
         try:
@@ -202,7 +203,7 @@ class ArcSealer:
         result.headers[:0] = await self.fields(result.received, added + result.content, sender)
 
     def _sign(self, message: bytes) -> list[bytes]:
-        present = {m.group(1).lower().decode() for m in _FIELD_NAME.finditer(_head(message))}
+        present = _names(message)
         include = [h.encode() for h in SIGNED if h in present or h == "from"]
         return dkim.arc_sign(message, self.selector, self.domain, self.key,
                              self.hostname.encode(), include_headers=include,
