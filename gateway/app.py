@@ -29,7 +29,7 @@ from gateway.logfile import LogFile
 from gateway.maillog import MailLog, load_hash_key, load_token
 from gateway.metrics import Metrics
 from gateway.milter.server import MilterServer
-from gateway.monitor import Monitor
+from gateway.monitor import Monitor, static_metrics
 from gateway.quarantine import Quarantine
 from gateway.recent import Recent
 from gateway.trace import TraceStore
@@ -151,6 +151,7 @@ class Gateway:
         self.config, self.registry = generation.config, generation.registry
         self.unsubscribe.registry = generation.registry
         self.engine.switch(generation)
+        static_metrics(self)  # registration expiries of the senders now registered
 
     async def reload(self, actor: str) -> ReloadResult:
         """Re-read gateway.toml and the sender files; all or nothing (gateway.reload)."""

@@ -110,12 +110,13 @@ def expiry_timestamp(expires: dt.date) -> float:
 
 
 def static_metrics(gateway) -> None:
-    """Build info and registration expiries; each registered sender's recipient decisions and
+    """Build info and registration expiries (at start and after each reload); each registered sender's recipient decisions and
     holds start at 0 (so rate() and the dashboard see a sender before its first event)."""
     from gateway.metrics import DECISIONS
 
     metrics = gateway.metrics
     metrics.build_info.labels(version()).set(1)
+    metrics.registration_expiry.clear()  # after a reload: only the senders registered now
     from gateway.audit import ACTIONS
 
     for action in ACTIONS:

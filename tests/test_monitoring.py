@@ -246,3 +246,19 @@ def test_ops_keys_documented_with_their_defaults():
         body = re.search(rf"^\[{section}\]\n(.*?)(?=^\[)", text, re.M | re.S).group(1)
         for key in keys:
             assert re.search(rf"^{re.escape(key)}", body, re.M), (section, key)
+
+
+def test_registration_expiry_follows_a_reload(gateways):
+    from tests.test_reload import reload
+
+    gw = gateways.start()
+    senders = gateways.tmp_path / "gw" / "senders"
+    (senders / "events.toml").write_text(
+        (senders / "acme.toml").read_text().replace('"acme"', '"events"')
+        .replace("acme", "events").replace("2027-06-30", "2027-01-15"))
+    (senders / "acme.toml").unlink()
+    assert reload(gw)[0] == 200
+    end = dt.datetime(2027, 1, 16, tzinfo=dt.timezone.utc).timestamp()
+    assert gw.metric("gateway_sender_registration_expiry_timestamp_seconds", sender="events") == end
+    assert gw.gateway.metrics_registry.get_sample_value(
+        "gateway_sender_registration_expiry_timestamp_seconds", {"sender": "acme"}) is None
