@@ -381,7 +381,11 @@ def cmd_trace(args) -> int:
                                 ("sender", args.sender), ("since", args.since),
                                 ("decision", args.decision), ("recipient", args.recipient))
              if v}
-    records = _admin_call(args, "GET", "/api/trace?" + urlencode(query))["decisions"]
+    answer = _admin_call(args, "GET", "/api/trace?" + urlencode(query))
+    records = answer["decisions"]
+    if not answer.get("days"):
+        print("the running gateway keeps no trace ([trace] days = 0)", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(records, indent=2))
         return 0 if records else 1

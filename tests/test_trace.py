@@ -116,3 +116,12 @@ def test_trace_api_needs_the_token_and_a_selector(traced):
     assert err.value.code == 400
     assert json.loads(err.value.read()) == {
         "error": "bad request: a queue id, a Message-ID or a sender is needed"}
+
+
+def test_trace_off(gateways):
+    admin = free_port()
+    gateways.start(f'[admin]\nlisten = "127.0.0.1:{admin}"\n[trace]\ndays = 0\n')
+    conf = gateways.tmp_path / "gw" / "gateway.toml"
+    proc = trace_cmd(conf, "--sender", "acme")
+    assert proc.returncode == 1
+    assert proc.stderr == "the running gateway keeps no trace ([trace] days = 0)\n"
