@@ -117,7 +117,7 @@ def admin_app(app_state) -> web.Application:
     async def reload(request: web.Request) -> web.Response:
         """Re-read gateway.toml and the sender files (gateway.reload): 200 with what changed
         and what needs a restart, or 422 naming the file, key and reason of the refusal."""
-        result = await app_state.reload(actor_of(request))
+        result = await app_state.reload(actor_of(request), token_actor(request))
         return web.json_response(result.to_json(), status=200 if result.applied else 422)
 
     async def trace(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.adaptive import AdaptiveRate
 from gateway.arc import ArcKeyError, ArcSealer
+from gateway import audit
 from gateway.audit import api_tokens
 from gateway.checks import CHECKS
 from gateway.checks.base import Deps
@@ -153,9 +154,23 @@ class Gateway:
         self.engine.switch(generation)
         static_metrics(self)  # registration expiries of the senders now registered
 
-    async def reload(self, actor: str) -> ReloadResult:
-        """Re-read gateway.toml and the sender files; all or nothing (gateway.reload)."""
-        return await self.reloader.reload(actor)
+    async def reload(self, actor: str, audit_actor: dict | None = None) -> ReloadResult:
+        """Re-read gateway.toml and the sender files; all or nothing (gateway.reload). Applied
+        or refused, it is an administrative action: one event in the audit trail."""
+        result = await self.reloader.reload(actor)
+        changed: dict = {"applied": result.applied, "generation": result.generation}
+        if result.applied:
+            changed.update(keys=result.changed, restart_needed=result.restart_needed,
+                           senders=result.senders.to_json())
+        else:
+            changed.update(file=result.error.file, key=result.error.key,
+                           reason=result.error.reason)
+        try:
+            await asyncio.to_thread(audit.record, self.audit_file, "reload",
+                                    audit_actor or {"actor": actor}, **changed)
+        except OSError as exc:  # reloaded (or not) all the same: say the trail missed it
+            log.error("audit_write_failed", path=str(self.audit_file), error=exc.strerror)
+        return result
 
     def reloaded(self, result: ReloadResult, actor: str) -> None:
         """Log and count a reload: an administrative action, with its actor."""

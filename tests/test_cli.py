@@ -421,6 +421,10 @@ def test_reload_senders_and_sighup_against_the_running_gateway(served):
     assert reloads[3]["senders"] == {"added": [], "removed": [], "changed": ["acme"]}
     assert reloads[1]["file"] == str(confdir / "senders" / "bad.toml")
     assert reloads[1]["key"] == "organization"
+    trail = [json.loads(line) for line in (confdir / "var" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["actor"], e["applied"]) for e in trail if e["action"] == "reload"] == [
+        ("token:admin", True), ("token:admin", False), ("token:admin", True),
+        ("signal:SIGHUP", True), ("token:admin", True)]
 
 
 def test_senders_add_without_a_running_gateway_says_so(confdir):

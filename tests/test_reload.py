@@ -19,7 +19,8 @@ PROMO_REFUSED = ("550 5.7.1 Message class promotional (no X-Message-Class header
 def reload(gw, actor: str | None = None) -> tuple[int, dict]:
     headers = {"Authorization": f"Bearer {gw.gateway.admin_token}"}
     if actor:
-        headers["X-Gateway-Actor"] = actor
+        headers["X-Gateway-Actor"] = f"cli:{actor}"
+        headers["X-Gateway-OS-User"] = actor
     request = urllib.request.Request(gw.admin_url + "/api/reload", method="POST",
                                      headers=headers)
     try:
@@ -46,7 +47,7 @@ def test_a_transaction_in_progress_finishes_under_the_registry_it_began_with(gat
     assert before.rcpt("alice@example.edu")[0] == 250
     # acme may now send transactional mail only: MESSAGE (promotional) is refused from now on
     sender_file(gateways).write_text(EXAMPLE_SENDER + 'classes = ["transactional"]\n')
-    status, result = reload(gw, actor="cli:alice")
+    status, result = reload(gw, actor="alice")
     assert status == 200
     assert result == {"applied": True, "generation": 1, "changed": [], "restart_needed": [],
                       "senders": {"added": [], "removed": [], "changed": ["acme"]}}
@@ -71,6 +72,11 @@ def test_a_transaction_in_progress_finishes_under_the_registry_it_began_with(gat
             event["level"]) == ("api:cli:alice", "applied", 1, ["acme"], "warning")
     assert gw.metric("gateway_config_reloads_total", result="applied") == 1
     assert gw.metric("gateway_config_generation") == 1
+    # an administrative action: one event in the audit trail, with its actor (the token)
+    trail = gw.gateway.audit_file.read_text().splitlines()
+    [audited] = [json.loads(line) for line in trail if json.loads(line)["action"] == "reload"]
+    assert (audited["actor"], audited["os_user"], audited["applied"], audited["generation"],
+            audited["senders"]["changed"]) == ("token:admin", "alice", True, 1, ["acme"])
 
 
 def test_senders_added_and_removed_apply_to_new_transactions(gateways, sink):
