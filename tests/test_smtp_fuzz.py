@@ -63,7 +63,8 @@ def test_fuzzed_command_sessions_get_well_formed_replies(live, logs, session):
     with RawSMTP(live.port, timeout=10) as c:
         assert check_reply([c.greeting], b"") == 220
         for line in session:
-            verb = line.split(b" ", 1)[0].upper()
+            # the verb as aiosmtpd reads it: trailing CR/LF stripped, up to the first space
+            verb = line.rstrip(b"\r\n").split(b" ", 1)[0].upper()
             c.send(line + b"\r\n")
             reply = c.lines()
             code = check_reply(reply, verb)
