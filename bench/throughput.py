@@ -596,7 +596,9 @@ def start_redis(children: Children, directory: Path) -> str:
 
 def write_gateway_config(directory: Path, sink_port: int, log_level: str, args,
                          features: dict, state_url: str = "memory:",
-                         rate_limit: bool = False) -> tuple[Path, int, int]:
+                         rate_limit: bool = False,
+                         limits: dict[str, object] | None = None) -> tuple[Path, int, int]:
+    """The gateway's config; ``limits`` (TOML values as text) override the bench's [limits]."""
     directory.mkdir(parents=True)
     (directory / "senders").mkdir()
     (directory / "senders" / "bench.toml").write_text(SENDER_FILE)
@@ -628,9 +630,11 @@ def write_gateway_config(directory: Path, sink_port: int, log_level: str, args,
         hash_key_file = "recipient-hash.key"
         """)
     # Rate limits and session caps raised so they never bind (the limiter code still runs).
+    overrides = limits or {}
     limits = {"sender_rate": '"1000000/second"', "allow_above_policy": "true",
               "sessions_per_sender": max(1000, args.c), "sessions_per_ip": max(1000, args.c),
               "sessions_total": max(1000, args.c), "connection_rate": '"1000000/second"'}
+    limits.update(overrides)
     limits = {k: v for k, v in limits.items() if k in features["limits"]}
     if limits:
         text += "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
