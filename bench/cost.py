@@ -294,13 +294,24 @@ def idle_rss(children: tp.Children, gateway: subprocess.Popen, port: int, count:
 
 
 def start_gateway(children, tmp: Path, name: str, sink_port: int, args, features,
-                  limits: dict) -> tuple[subprocess.Popen, int, Path]:
+                  limits: dict, tree: Path | None = None,
+                  uvloop: bool = False) -> tuple[subprocess.Popen, int, Path]:
+    """A gateway process; ``tree``: the code of another checkout (--against) instead of this
+    one's."""
     config, smtp_port, admin_port = tp.write_gateway_config(
         tmp / name, sink_port, "info", args, features, "sqlite:state.sqlite3", True, limits)
-    if args.uvloop:
+    if uvloop:
         text = config.read_text().replace("[server]\n", '[server]\nevent_loop = "uvloop"\n', 1)
         config.write_text(text)
-    proc = tp.start_gateway(children, config, admin_port, tmp / name / "log", None)
+    if tree is None:
+        proc = tp.start_gateway(children, config, admin_port, tmp / name / "log", None)
+    else:
+        saved = tp.REPO
+        tp.REPO = tree  # its PYTHONPATH and working directory
+        try:
+            proc = tp.start_gateway(children, config, admin_port, tmp / name / "log", None)
+        finally:
+            tp.REPO = saved
     return proc, smtp_port, config
 
 
@@ -338,9 +349,15 @@ def run(args) -> int:
                                                        tmp / "dkim-record.txt")
         wide = {"sessions_per_ip": args.idle + 100, "sessions_total": args.idle + 100}
         relay, relay_port, _ = start_gateway(children, tmp, "relay", sink_port, args, features,
-                                             wide)
+                                             wide, uvloop=args.uvloop)
+        other = None
+        if args.against or args.against_uvloop:  # the same load, another gateway: A/B per round
+            other, other_port, _ = start_gateway(
+                children, tmp, "against", sink_port, args, features, wide,
+                Path(args.against).resolve() if args.against else None,
+                uvloop=args.against_uvloop)
         defer, defer_port, _ = start_gateway(children, tmp, "defer", sink_port, args, features,
-                                             {"sender_rate": '"1/day"'})
+                                             {"sender_rate": '"1/day"'}, uvloop=args.uvloop)
         # one signed message through each must come out with dkim=pass; it spends the
         # deferring gateway's whole budget for the day
         tp.sanity_pass({"relay": (relay, relay_port, None), "defer": (defer, defer_port, None)},
@@ -358,7 +375,9 @@ def run(args) -> int:
                     ("sink, direct", sink_port, "relay", {"sink": sink.pid}),
                     ("gateway, relayed", relay_port, "relay",
                      {"gateway": relay.pid, "sink": sink.pid}),
-                    ("gateway, deferred", defer_port, "defer", {"gateway": defer.pid})):
+                    ("gateway, deferred", defer_port, "defer", {"gateway": defer.pid}),
+                    *([("against, relayed", other_port, "relay",
+                        {"gateway": other.pid, "sink": sink.pid})] if other else [])):
                 res = drive(children, port, args, label, mode, watch, args.n)
                 phases.setdefault(label, []).append(res)
                 print(f"  round {r + 1}: {label:<18} {res.ok / res.elapsed:7.0f} msgs/s"
@@ -427,6 +446,11 @@ def report(phases: dict[str, list[Phase]], idle, args) -> int:
           f"{f(r_relay, '{:.2f}')}x the sink   (target <= 2.5)")
     print(f"  gateway, deferred (451 4.7.1)   {f(defer_us):>6} us   "
           f"{f(r_defer, '{:.2f}')} of a relay  (target <= 0.2)")
+    if "against, relayed" in phases:
+        r_other = ratio("gateway, relayed", "gateway", "against, relayed", "gateway")
+        print(f"  --against{'-uvloop' if args.against_uvloop else ''}, relayed "
+              f"{f(cpu('against, relayed', 'gateway')):>6} us   this tree's relay is "
+              f"{f(r_other, '{:.3f}')} of it (median of the per-round ratios)")
     d = phases.get("gateway, relayed", [])
     s = phases.get("sink, direct", [])
     if d and s:
@@ -493,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="idle sessions for the memory figure; 0: skip (default %(default)s)")
     p.add_argument("--uvloop", action="store_true",
                    help='the gateways with [server] event_loop = "uvloop"')
+    p.add_argument("--against", metavar="TREE",
+                   help="also run a relaying gateway from another checkout (e.g. `git archive "
+                        "COMMIT | tar -x -C TREE`) in every round, and print this tree's CPU per "
+                        "relayed message as a ratio of it: one lever measured in one run")
+    p.add_argument("--against-uvloop", action="store_true",
+                   help="the --against gateway (this tree when no --against) on uvloop")
     p.add_argument("--profile", metavar="FILE",
                    help="py-spy (pip install py-spy) the relaying gateway during the rounds; "
                         "save the raw profile to FILE and print its hottest functions")
