@@ -1,10 +1,10 @@
 """SQLite state, the embedded default: one file, survives restarts, safe for one host.
 
 SQLite calls can block (on another writer's lock, on a sync to disk), so they run on one
-dedicated worker thread that owns its connection, and the event loop only awaits it. The two
-per-message decisions (rate admission, flag look-up) are the exception: they run on the loop's
-own connection when they cannot wait on anything (see ``_quick``), since the hop to the thread
-costs more than they do.
+dedicated worker thread that owns its connection, and the event loop only awaits it. The
+per-message calls (rate admission and its look at MAIL, flag look-up, the audience count and
+a key read) are the exception: they run on the loop's own connection when they cannot wait on
+anything (see ``_quick``), since the hop to the thread costs more than they do.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None  # the worker thread's
         self._fast: sqlite3.Connection | None = None  # the event loop's (see _quick)
         self._fast_calls = 0
+        self._purged = 0.0  # when expired distinct members were last deleted (wall clock)
         self._background: set[asyncio.Task] = set()
 
     def _conn(self) -> sqlite3.Connection:
@@ -134,14 +135,14 @@ class SQLiteStore:
     def _now(self) -> float:
         return self.clock.now().timestamp()
 
-    def _get(self, key: str, now: float) -> bytes | None:
-        row = self._conn().execute(
+    def _get(self, key: str, now: float, db: sqlite3.Connection | None = None) -> bytes | None:
+        row = (db or self._conn()).execute(
             "SELECT value FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
             (key, now)).fetchone()
         return None if row is None else bytes(row[0])
 
     async def get(self, key: str) -> bytes | None:
-        return await self._run(self._get, key, self._now())
+        return await self._quick(self._get, key, self._now())
 
     def _set(self, key: str, value: bytes, expires: float | None) -> None:
         self._conn().execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
@@ -421,29 +422,40 @@ class SQLiteStore:
         await self._run(_close)
         self._executor.shutdown(wait=True)
 
+    # Members that left their window are skipped by every read and deleted in bulk at most
+    # every PURGE_EVERY seconds (a delete over every key, on each message, was most of the cost).
+    PURGE_EVERY = 10.0
+
     def _count_distinct(self, key: str, members: list[str], window: float,
-                        limit: int | None, now: float) -> int:
-        db = self._conn()
+                        limit: int | None, now: float,
+                        db: sqlite3.Connection | None = None) -> int:
+        db = db or self._conn()
         db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes too
         try:
-            db.execute("DELETE FROM distinct_members WHERE expires <= ?", (now,))  # every key
-            (count,) = db.execute("SELECT count(*) FROM distinct_members WHERE key = ?",
-                                  (key,)).fetchone()
+            if now - self._purged >= self.PURGE_EVERY:
+                db.execute("DELETE FROM distinct_members WHERE expires <= ?", (now,))
+                self._purged = now
+            (count,) = db.execute("SELECT count(*) FROM distinct_members WHERE key = ? "
+                                  "AND expires > ?", (key, now)).fetchone()
             wanted = list(dict.fromkeys(members))
             known: set[str] = set()
             for i in range(0, len(wanted), 500):
                 chunk = wanted[i:i + 500]
                 known.update(r[0] for r in db.execute(
-                    "SELECT member FROM distinct_members WHERE key = ? AND member IN (%s)"
-                    % ",".join("?" * len(chunk)), (key, *chunk)))
-            expires = now + window
-            db.executemany("UPDATE distinct_members SET expires = ? WHERE key = ? AND member = ?",
-                           [(expires, key, m) for m in wanted if m in known])
+                    "SELECT member FROM distinct_members WHERE key = ? AND expires > ? AND "
+                    "member IN (%s)" % ",".join("?" * len(chunk)), (key, now, *chunk)))
             new = [m for m in wanted if m not in known]
             if limit is not None:
                 new = new[:max(0, limit + 1 - count)]
-            db.executemany("INSERT INTO distinct_members (key, member, expires) VALUES (?, ?, ?)",
-                           [(key, m, expires) for m in new])
+            expires = now + window
+            # one statement writes them all: the known ones seen again, the new ones (and any
+            # that had left the window but not been purged yet) recorded
+            rows = [m for m in wanted if m in known] + new
+            for i in range(0, len(rows), 300):
+                chunk = rows[i:i + 300]
+                db.execute("INSERT OR REPLACE INTO distinct_members (key, member, expires) "
+                           "VALUES " + ",".join(["(?, ?, ?)"] * len(chunk)),
+                           [v for m in chunk for v in (key, m, expires)])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -452,4 +464,5 @@ class SQLiteStore:
 
     async def count_distinct(self, key: str, members: list[str], window: float,
                              limit: int | None = None) -> int:
-        return await self._run(self._count_distinct, key, members, window, limit, self._now())
+        return await self._quick(self._count_distinct, key, members, window, limit,
+                                 self._now())
