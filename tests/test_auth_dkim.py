@@ -203,3 +203,24 @@ async def test_key_lookup_timeout_is_temperror():
         await resolver.close()
         silent.close()
     assert r.result == "temperror" and r.reason.startswith("key look-up failed: DNS timeout")
+
+
+@pytest.mark.parametrize("tamper", [None, (b"Subject: Hello", b"Subject: Hullo"),
+                                    (b"Hello, world.", b"Hello, World!")])
+async def test_openssl_rsa_agrees_with_dkimpys_arithmetic(verify, monkeypatch, tamper):
+    """RSA signatures are checked through OpenSSL (auth_dkim.OpenSSLRSAKey); with the OpenSSL
+    key taken away, dkimpy's own pure-Python RSA gives the same result for the same bytes."""
+    from gateway.checks import auth_dkim
+
+    raw = sign(message(subject="Hello"), "rsa2048", "acme.example")
+    if tamper:
+        raw = raw.replace(*tamper)
+    calls = []
+    original = auth_dkim.OpenSSLRSAKey.verify
+    monkeypatch.setattr(auth_dkim.OpenSSLRSAKey, "verify",
+                        lambda self, d, s: calls.append(d) or original(self, d, s))
+    with_openssl = results(await verify(raw))
+    assert len(calls) == (0 if tamper and b"World" in tamper[1] else 1)  # body hash first
+    monkeypatch.setattr(auth_dkim, "_openssl_rsa", lambda pk: None)
+    assert results(await verify(raw)) == with_openssl
+    assert with_openssl[0][0] == ("pass" if tamper is None else "fail")
