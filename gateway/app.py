@@ -17,6 +17,7 @@ from gateway.arc import ArcKeyError, ArcSealer
 from gateway import audit
 from gateway.audit import api_tokens
 from gateway.checks import CHECKS
+from gateway.event_loop import running_loop_name
 from gateway.checks.base import Deps
 from gateway.checks.pipeline import Pipeline
 from gateway.clock import Clock, SystemClock
@@ -246,7 +247,11 @@ class Gateway:
                  admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
                  upstream=self.upstream.description if self.upstream is not None else None,
                  state=self.config.state.url,
-                 senders=len(self.registry))
+                 senders=len(self.registry), event_loop=running_loop_name())
+        if self.config.server.event_loop != running_loop_name():
+            log.warning("event_loop_unavailable", configured=self.config.server.event_loop,
+                        running=running_loop_name(),
+                        hint="pip install uvloop (the ecomm-gateway[uvloop] extra)")
 
     async def readiness_problems(self) -> list[str]:
         problems = []

@@ -55,6 +55,7 @@ def _load(args) -> tuple[Config, Registry]:
 def cmd_serve(args) -> int:
     from gateway.app import StartError, serve
     from gateway.flags import FlagKeyMismatch
+    from gateway.event_loop import loop_factory
     from gateway.maillog import configure_logging
 
     from gateway.preflight import PreflightError
@@ -63,8 +64,10 @@ def cmd_serve(args) -> int:
     configure_logging(config.logging.level, config.logging.format)
     structlog.get_logger("gateway").info("configuration", file=str(config.file),
                                          found_by=args.config_source)
+    factory, _ = loop_factory(config.server.event_loop)
     try:
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(config))
     except PreflightError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -1,0 +1,83 @@
+"""[server] event_loop: "gateway serve" on uvloop relays like on asyncio, and says which loop
+it runs on; an unknown value stops the start naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import smtplib
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def serve(directory: Path, event_loop: str, upstream: str) -> tuple[subprocess.Popen, int]:
+    (directory / "senders").mkdir(parents=True)
+    (directory / "senders" / "acme.toml").write_text(EXAMPLE_SENDER)
+    smtp, admin = free_port(), free_port()
+    (directory / "gateway.toml").write_text(f"""
+[server]
+listen = ["127.0.0.1:{smtp}"]
+event_loop = "{event_loop}"
+[admin]
+listen = "127.0.0.1:{admin}"
+[upstream]
+url = "{upstream}"
+[state]
+url = "memory:"
+[senders]
+dir = "senders"
+[logging]
+level = "info"
+[checks.sender_auth]
+mode = "off"
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
+                             str(directory / "gateway.toml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2):
+                return proc, smtp
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(proc.communicate()[0].decode())
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_serve_on_the_configured_event_loop(tmp_path, sink, event_loop):
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed (the test extra has it)")
+    proc, port = serve(tmp_path / "gw", event_loop, sink.url)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.sendmail("bounce-1@em.acme.example", ["alice@example.edu"],
+                                   MESSAGE) == {}
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert len(sink.messages) == 1
+    started = [line for line in map(json.loads, out.decode().splitlines())
+               if line.get("event") == "started"]
+    assert [line["event_loop"] for line in started] == [event_loop]
+
+
+def test_unknown_event_loop_is_refused(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text('[server]\nevent_loop = "trio"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "server.event_loop" in str(err.value) and '"asyncio" or "uvloop"' in str(err.value)
