@@ -46,7 +46,7 @@ def test_empty_file_means_all_defaults(tmp_path):
     ("[server]\nmax_recipients = 0\n", "server.max_recipients", "must be at least 1"),
     ("[server]\nrequire_tls = true\n", "server.require_tls", "needs tls_cert and tls_key"),
     ("[server]\ntls_cert = \"c.pem\"\n", "server.tls_key", "tls_cert and tls_key go together"),
-    ("[server]\nlisten_on = []\n", "server.listen_on", "unknown key (known keys: hostname, listen,"),
+    ("[server]\nlisten_on = []\n", "server.listen_on", "unknown key (known keys: event_loop, hostname, listen,"),
     ("[upstream]\nurl = \"lmtp://x\"\n", "upstream.url", "expected smtp://host:port, smtps://host:port or maildir:PATH"),
     ("[upstream]\nstarttls = \"sometimes\"\n", "upstream.starttls", "'sometimes' is not one of 'required' | 'opportunistic' | 'off'"),
     ("[upstream]\nhosts = [\"smtp://b:25\"]\n", "upstream.hosts", "failover hosts need an smtp(s):// url"),
