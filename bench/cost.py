@@ -294,12 +294,12 @@ def idle_rss(children: tp.Children, gateway: subprocess.Popen, port: int, count:
 
 
 def start_gateway(children, tmp: Path, name: str, sink_port: int, args, features,
-                  limits: dict, tree: Path | None = None,
-                  uvloop: bool = False) -> tuple[subprocess.Popen, int, Path]:
+                  limits: dict, tree: Path | None = None, uvloop: bool = False,
+                  level: str = "info") -> tuple[subprocess.Popen, int, Path]:
     """A gateway process; ``tree``: the code of another checkout (--against) instead of this
     one's."""
     config, smtp_port, admin_port = tp.write_gateway_config(
-        tmp / name, sink_port, "info", args, features, "sqlite:state.sqlite3", True, limits)
+        tmp / name, sink_port, level, args, features, "sqlite:state.sqlite3", True, limits)
     if uvloop:
         text = config.read_text().replace("[server]\n", '[server]\nevent_loop = "uvloop"\n', 1)
         config.write_text(text)
@@ -351,11 +351,12 @@ def run(args) -> int:
         relay, relay_port, _ = start_gateway(children, tmp, "relay", sink_port, args, features,
                                              wide, uvloop=args.uvloop)
         other = None
-        if args.against or args.against_uvloop:  # the same load, another gateway: A/B per round
+        if args.against or args.against_uvloop or args.against_log_level:
+            # the same load through another gateway, in every round: one lever, one run
             other, other_port, _ = start_gateway(
                 children, tmp, "against", sink_port, args, features, wide,
                 Path(args.against).resolve() if args.against else None,
-                uvloop=args.against_uvloop)
+                uvloop=args.against_uvloop, level=args.against_log_level or "info")
         defer, defer_port, _ = start_gateway(children, tmp, "defer", sink_port, args, features,
                                              {"sender_rate": '"1/day"'}, uvloop=args.uvloop)
         # one signed message through each must come out with dkim=pass; it spends the
@@ -448,7 +449,9 @@ def report(phases: dict[str, list[Phase]], idle, args) -> int:
           f"{f(r_defer, '{:.2f}')} of a relay  (target <= 0.2)")
     if "against, relayed" in phases:
         r_other = ratio("gateway, relayed", "gateway", "against, relayed", "gateway")
-        print(f"  --against{'-uvloop' if args.against_uvloop else ''}, relayed "
+        what = (args.against or "this tree") + (" on uvloop" if args.against_uvloop else "") \
+            + (f" at {args.against_log_level}" if args.against_log_level else "")
+        print(f"  against ({what}), relayed\n                                  "
               f"{f(cpu('against, relayed', 'gateway')):>6} us   this tree's relay is "
               f"{f(r_other, '{:.3f}')} of it (median of the per-round ratios)")
     d = phases.get("gateway, relayed", [])
@@ -523,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                         "relayed message as a ratio of it: one lever measured in one run")
     p.add_argument("--against-uvloop", action="store_true",
                    help="the --against gateway (this tree when no --against) on uvloop")
+    p.add_argument("--against-log-level", choices=["debug", "info", "warning", "error"],
+                   help="the --against gateway (this tree when no --against) at this [logging] "
+                        "level: --against-log-level warning prices the decision log")
     p.add_argument("--profile", metavar="FILE",
                    help="py-spy (pip install py-spy) the relaying gateway during the rounds; "
                         "save the raw profile to FILE and print its hottest functions")
