@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
 
-import structlog
-
 from gateway.arc import dns_record, generate_key
+from gateway.cli import audit_cli
 from gateway.config import load_config
-from gateway.maillog import configure_logging
-
-log = structlog.get_logger("gateway.audit")
 
 
 def cmd_arc_keygen(args) -> int:
     config = load_config(args.config)
-    configure_logging(config.logging.level, config.logging.format, sys.stderr)  # (the audit line)
     arc = config.arc
     if not arc.domain or not arc.selector:
         print(f"error: {config.file}: arc: set domain and selector first (the DNS record is "
@@ -35,14 +29,10 @@ def cmd_arc_keygen(args) -> int:
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
     os.replace(tmp, path)
-    try:
-        actor = getpass.getuser()
-    except Exception:  # no user name for this uid
-        actor = f"uid {os.getuid()}"
-    log.info("arc_keygen", actor=actor, key_file=str(path), selector=arc.selector,
-             domain=arc.domain, bits=args.bits, replaced=bool(args.force))
+    status = audit_cli(config, "arc_keygen", key_file=str(path), selector=arc.selector,
+                       domain=arc.domain, bits=args.bits, replaced=bool(args.force))
     print(dns_record(arc.selector, arc.domain, public))
-    return 0
+    return status
 
 
 def add_parser(sub, common) -> None:

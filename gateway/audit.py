@@ -25,7 +25,8 @@ import structlog
 log = structlog.get_logger("gateway.audit")
 
 ACTIONS = ("throttle_set", "throttle_clear", "quarantine_release", "quarantine_delete",
-           "flags_import", "flags_replace", "sender_add", "sender_remove", "reload")
+           "flags_import", "flags_replace", "sender_add", "sender_remove", "reload",
+           "arc_keygen")
 
 
 def os_user() -> str:

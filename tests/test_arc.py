@@ -5,6 +5,7 @@ out-of-order ones sealed with ``cv=fail`` and relayed; ``gateway arc keygen``.""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -255,8 +256,11 @@ def test_keygen_writes_the_key_and_prints_its_record(tmp_path, knot):
     # the printed record verifies what the written key signs
     signed = dkim.sign(message(), b"arc2", b"gw-seal.example", key_file.read_bytes())
     assert dkim.verify(signed + message(), dnsfunc=lambda name, timeout=5: value.encode())
-    audit = [line for line in done.stderr.splitlines() if '"arc_keygen"' in line]
-    assert len(audit) == 1 and '"actor"' in audit[0]
+    [event] = [json.loads(line) for line in
+               (tmp_path / "var" / "audit.jsonl").read_text().splitlines()]
+    assert (event["action"], event["selector"], event["replaced"]) == ("arc_keygen", "arc2",
+                                                                       False)
+    assert event["actor"].startswith("os:")
     again = subprocess.run(run, capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "exists; --force replaces it" in again.stderr
     assert subprocess.run(run + ["--force"], capture_output=True, text=True,
