@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ARC sealing cost per message (gateway.arc), and what it does to the event loop.
+"""ARC sealing cost per message (gateway.message.arc), and what it does to the event loop.
 
     python bench/arc_bench.py                 # 10 KB, 100 KB and 1 MB messages, 20 seals each
     python bench/arc_bench.py -n 50 --sizes 10000

@@ -46,11 +46,11 @@ from gateway.checks.auth_dkim import DkimOptions, DkimVerifier  # noqa: E402
 from gateway.checks.auth_spf import check_spf  # noqa: E402
 from gateway.checks.base import Context, Deps  # noqa: E402
 from gateway.checks.sender_auth import SenderAuth  # noqa: E402
-from gateway.clock import FakeClock  # noqa: E402
-from gateway.config import Config, ServerConfig  # noqa: E402
-from gateway.dns import Answer, Resolver  # noqa: E402
-from gateway.metrics import Metrics  # noqa: E402
-from gateway.senders import Sender  # noqa: E402
+from gateway.infra.clock import FakeClock  # noqa: E402
+from gateway.infra.config import Config, ServerConfig  # noqa: E402
+from gateway.infra.dns import Answer, Resolver  # noqa: E402
+from gateway.ops.metrics import Metrics  # noqa: E402
+from gateway.policy.senders import Sender  # noqa: E402
 
 DOMAIN = "em.bench.example"
 

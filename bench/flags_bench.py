@@ -139,8 +139,8 @@ mode = "{check}"
 
 
 async def load(config, count: int) -> float:
-    from gateway.clock import SystemClock
-    from gateway.flags import OPT_OUT, Scope, open_flags, set_name
+    from gateway.infra.clock import SystemClock
+    from gateway.policy.flags import OPT_OUT, Scope, open_flags, set_name
     from gateway.state import open_store
 
     flags = open_flags(config, open_store(config.state.url, SystemClock(), config.base_dir))
@@ -159,9 +159,9 @@ async def load(config, count: int) -> float:
 
 async def lookups(config, count: int, total_flagged: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds) per look-up of 20 recipients."""
-    from gateway.clock import SystemClock
-    from gateway.flags import open_flags, sets_for
-    from gateway.senders import load_registry
+    from gateway.infra.clock import SystemClock
+    from gateway.policy.flags import open_flags, sets_for
+    from gateway.policy.senders import load_registry
     from gateway.state import open_store
 
     registry = load_registry(config.path(config.senders.dir), config.checks,
@@ -246,7 +246,7 @@ def gateway_run(base: Path, state_url: str, sink: int, check: str, n: int, c: in
 
 
 def bench_backend(label: str, state_url: str, base: Path, sink: int, args) -> None:
-    from gateway.config import load_config
+    from gateway.infra.config import load_config
 
     path = write_config(base, state_url, 0, 0, sink, "enforce")
     config = load_config(path)

@@ -558,7 +558,7 @@ def gateway_features() -> dict:
     import dataclasses
 
     sys.path.insert(0, str(REPO))
-    from gateway import config as gconfig
+    from gateway.infra import config as gconfig
     from gateway.checks import CHECKS
 
     sections = {f.name for f in dataclasses.fields(gconfig.Config)}
@@ -658,7 +658,7 @@ def write_gateway_config(directory: Path, sink_port: int, log_level: str, args,
 
 _UVLOOP_GATEWAY = ("import asyncio, sys, uvloop; "
                    "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-                   "from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
+                   "from gateway.ops.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def start_gateway(children: Children, config: Path, admin_port: int, log_path: Path,

@@ -1,4 +1,4 @@
-"""Storage of the trace (gateway.trace) per message: writes N typical decision records (two
+"""Storage of the trace (gateway.ops.trace) per message: writes N typical decision records (two
 recipients, a Message-ID, the per-check times of a relayed message) into a fresh SQLite state
 store and reports the file size per message and per million messages.
 
@@ -13,9 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.clock import FakeClock
+from gateway.infra.clock import FakeClock
 from gateway.state import open_store
-from gateway.trace import TraceStore
+from gateway.ops.trace import TraceStore
 
 CHECKS = ["identity", "registration", "return_path", "message_class", "unsubscribe",
           "attachments", "sender_auth", "large_audience", "recipient_flags", "rate_limit"]

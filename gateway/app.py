@@ -12,39 +12,39 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.adaptive import AdaptiveRate
-from gateway.arc import ArcKeyError, ArcSealer
-from gateway import audit
-from gateway.audit import api_tokens
+from gateway.policy.adaptive import AdaptiveRate
+from gateway.message.arc import ArcKeyError, ArcSealer
+from gateway.ops import audit
+from gateway.ops.audit import api_tokens
 from gateway.checks import CHECKS
-from gateway.event_loop import running_loop_name
+from gateway.infra.event_loop import running_loop_name
 from gateway.checks.base import Deps
 from gateway.checks.pipeline import Pipeline
-from gateway.clock import Clock, SystemClock
-from gateway.config import POLICY_SENDER_RATE, Config, parse_hostport
-from gateway.dns import Resolver
+from gateway.infra.clock import Clock, SystemClock
+from gateway.infra.config import POLICY_SENDER_RATE, Config, parse_hostport
+from gateway.infra.dns import Resolver
 from gateway.engine import Engine
 from gateway.engine.generation import Generation
 from gateway.engine.sessions import SessionCounts
-from gateway.flags import open_flags
-from gateway.logfile import LogFile
-from gateway.maillog import MailLog, load_hash_key, load_token
-from gateway.metrics import Metrics
+from gateway.policy.flags import open_flags
+from gateway.ops.logfile import LogFile
+from gateway.ops.maillog import MailLog, load_hash_key, load_token
+from gateway.ops.metrics import Metrics
 from gateway.milter.server import MilterServer
-from gateway.monitor import Monitor, static_metrics
-from gateway.quarantine import Quarantine
-from gateway.recent import Recent
-from gateway.trace import TraceStore
-from gateway.reload import Reloader, ReloadResult
-from gateway.rates import Rate
-from gateway.throttles import Throttles
-from gateway.typed import ConfigError
+from gateway.ops.monitor import Monitor, static_metrics
+from gateway.policy.quarantine import Quarantine
+from gateway.ops.recent import Recent
+from gateway.ops.trace import TraceStore
+from gateway.ops.reload import Reloader, ReloadResult
+from gateway.policy.rates import Rate
+from gateway.policy.throttles import Throttles
+from gateway.infra.typed import ConfigError
 from gateway.relay import open_upstream
-from gateway.senders import Registry, load_registry
+from gateway.policy.senders import Registry, load_registry
 from gateway.smtp.handler import Handler
 from gateway.smtp.server import GatewaySMTP
 from gateway.state import StoreError, open_store
-from gateway.unsubscribe_endpoint import UnsubscribeEndpoint
+from gateway.ops.unsubscribe_endpoint import UnsubscribeEndpoint
 
 log = structlog.get_logger("gateway")
 
@@ -156,7 +156,7 @@ class Gateway:
         static_metrics(self)  # registration expiries of the senders now registered
 
     async def reload(self, actor: str, audit_actor: dict | None = None) -> ReloadResult:
-        """Re-read gateway.toml and the sender files; all or nothing (gateway.reload). Applied
+        """Re-read gateway.toml and the sender files; all or nothing (gateway.ops.reload). Applied
         or refused, it is an administrative action: one event in the audit trail."""
         result = await self.reloader.reload(actor)
         changed: dict = {"applied": result.applied, "generation": result.generation}
@@ -215,7 +215,7 @@ class Gateway:
         return protocol
 
     async def start(self) -> None:
-        from gateway.admin import admin_app
+        from gateway.ops.admin import admin_app
 
         await self.store.ping()
         self.trace.start()
@@ -326,7 +326,7 @@ class StartError(Exception):
 
 
 async def serve(config: Config) -> None:
-    from gateway import preflight
+    from gateway.ops import preflight
 
     registry = load_registry(config.path(config.senders.dir), config.checks,
                              config.limits.ceiling)
@@ -354,8 +354,8 @@ async def serve(config: Config) -> None:
     await preflight.check(config)  # the same checks as check-config: path, permission, key
     log_file = None
     if config.logging.file is not None:  # from here on the log goes to the file
-        from gateway.logfile import LogFile
-        from gateway.maillog import configure_logging
+        from gateway.ops.logfile import LogFile
+        from gateway.ops.maillog import configure_logging
 
         log_file = LogFile(config.path(config.logging.file))
         configure_logging(config.logging.level, config.logging.format, log_file, serving=True)

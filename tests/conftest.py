@@ -20,10 +20,10 @@ from aiosmtpd.controller import Controller
 from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway
-from gateway.clock import FakeClock
-from gateway.config import load_config
-from gateway.maillog import configure_logging
-from gateway.senders import load_registry
+from gateway.infra.clock import FakeClock
+from gateway.infra.config import load_config
+from gateway.ops.maillog import configure_logging
+from gateway.policy.senders import load_registry
 
 EXAMPLE_SENDER = """
 id = "acme"

@@ -7,7 +7,7 @@ import re
 import socket
 
 from gateway.checks.base import ACCEPT, Check, Context, Stage
-from gateway.config import CheckSettings
+from gateway.infra.config import CheckSettings
 
 # One reply line: code, enhanced code of the same class, printable ASCII text.
 REPLY_LINE = re.compile(rb"([245][0-9][0-9])([ -])([245])\.[0-9]{1,3}\.[0-9]{1,3}(?: [ -~]*)?\r\n")

@@ -15,8 +15,8 @@ import dns.resolver
 import pytest
 from dkim.crypto import parse_pem_private_key
 
-from gateway.arc import ArcKeyError, load_key
-from gateway.cli import main as cli
+from gateway.message.arc import ArcKeyError, load_key
+from gateway.ops.cli import main as cli
 from tests.auth_helpers import auth_zones, example_records, key_record, message, rsa_key, sign
 from tests.dns_server import KNOTD, SKIP_REASON, KnotServer, txt, zone_text
 from tests.test_auth_smtp import config, deliver, header
@@ -268,7 +268,7 @@ def test_keygen_writes_the_key_and_prints_its_record(tmp_path, knot):
 
 
 def test_missing_key_file_stops_the_start_naming_the_key(gateways, sink):
-    from gateway.typed import ConfigError
+    from gateway.infra.typed import ConfigError
 
     with pytest.raises(ConfigError, match=r"gateway\.toml: arc\.key_file: .*nope\.key: cannot "
                                           r"read"):

@@ -11,8 +11,8 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from gateway.audience import campaign_part, identify, normalized_subject
-from gateway.maillog import MailLog
+from gateway.policy.audience import campaign_part, identify, normalized_subject
+from gateway.ops.maillog import MailLog
 from tests.conftest import EXAMPLE_SENDER
 
 UTC = dt.timezone.utc

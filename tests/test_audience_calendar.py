@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from gateway.business_hours import BusinessHours
-from gateway.config import load_config
-from gateway.typed import ConfigError
+from gateway.policy.business_hours import BusinessHours
+from gateway.infra.config import load_config
+from gateway.infra.typed import ConfigError
 
 UTC = dt.timezone.utc
 ALL_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from gateway.clock import FakeClock
+from gateway.infra.clock import FakeClock
 from gateway.state import open_store
 
 DAY = 86400.0

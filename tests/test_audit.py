@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gateway.quarantine import Item, Quarantine
+from gateway.policy.quarantine import Item, Quarantine
 from tests.conftest import MESSAGE
 
 ROOT = Path(__file__).resolve().parent.parent

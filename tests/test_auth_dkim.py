@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.checks.auth_dkim import DkimOptions, DkimVerifier
-from gateway.clock import FakeClock
-from gateway.dns import Resolver
+from gateway.infra.clock import FakeClock
+from gateway.infra.dns import Resolver
 from tests.auth_helpers import NOW, RFC8463_MESSAGE, auth_zones, message, sign
 from tests.dns_server import KNOTD, SKIP_REASON, KnotServer, SilentNameserver
 

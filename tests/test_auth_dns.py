@@ -1,4 +1,4 @@
-"""The shared resolver (gateway/dns.py) against a real Knot DNS server: TTL-respecting cache on
+"""The shared resolver (gateway/infra/dns.py) against a real Knot DNS server: TTL-respecting cache on
 the gateway's clock, negative caching, failures not cached, concurrent look-ups coalesced, the
 thread bridge for pyspf, metrics, and the [dns] configuration."""
 
@@ -10,11 +10,11 @@ import textwrap
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.clock import FakeClock
-from gateway.config import load_config
-from gateway.dns import DnsTempError, Resolver, parse_nameserver
-from gateway.metrics import Metrics
-from gateway.typed import ConfigError
+from gateway.infra.clock import FakeClock
+from gateway.infra.config import load_config
+from gateway.infra.dns import DnsTempError, Resolver, parse_nameserver
+from gateway.ops.metrics import Metrics
+from gateway.infra.typed import ConfigError
 from tests.dns_server import KNOTD, SKIP_REASON, KnotServer, SilentNameserver, txt, zone_text
 
 needs_knot = pytest.mark.skipif(KNOTD is None, reason=SKIP_REASON)

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from gateway.checks.auth_results import quote
-from gateway.cli import main as cli
+from gateway.ops.cli import main as cli
 from tests.auth_helpers import (NOW, RFC8463_MESSAGE, SENDER, auth_zones, message, rsa_key,
                                 sign)
 from tests.conftest import send

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.checks.auth_spf import check_spf
-from gateway.clock import FakeClock
-from gateway.dns import Resolver
+from gateway.infra.clock import FakeClock
+from gateway.infra.dns import Resolver
 from tests.auth_helpers import NOW
 from tests.dns_server import KNOTD, SKIP_REASON, KnotServer, SilentNameserver, txt, zone_text
 

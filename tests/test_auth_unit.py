@@ -15,8 +15,8 @@ from gateway.checks.auth_dmarc import DmarcResult
 from gateway.checks.auth_results import authserv_id, claims, format_value, quote
 from gateway.checks.auth_spf import SpfResult
 from gateway.checks.base import strip_header_fields
-from gateway.config import load_config
-from gateway.typed import ConfigError
+from gateway.infra.config import load_config
+from gateway.infra.typed import ConfigError
 
 PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 

@@ -158,7 +158,7 @@ async def test_verified_runs_the_verifier_once_per_transaction():
 
     from gateway.checks.base import Context
     from gateway.checks.sender_auth import SenderAuthSettings
-    from gateway.clock import FakeClock
+    from gateway.infra.clock import FakeClock
 
     ctx = Context(client_ip=ipaddress.ip_address("127.0.0.1"), raw=b"x")
     deps = SimpleNamespace(clock=FakeClock(), config=SimpleNamespace(

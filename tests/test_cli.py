@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.passwords import verify_password
+from gateway.policy.passwords import verify_password
 from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,7 +234,7 @@ def _walk(parser, path=()):
 def test_every_command_and_option_has_help():
     import argparse
 
-    from gateway.cli import build_parser
+    from gateway.ops.cli import build_parser
 
     seen = list(_walk(build_parser()))
     missing = [(" ".join(p), name) for p, name, text in seen
@@ -250,7 +250,7 @@ def test_every_command_and_option_has_help():
 
 
 def test_config_is_found_in_order_and_named(confdir, tmp_path_factory):
-    from gateway.cli import locate_config
+    from gateway.ops.cli import locate_config
 
     listed = run("senders", "list", cwd=confdir.path)  # ./gateway.toml
     assert listed.returncode == 0, listed.stderr
@@ -266,7 +266,7 @@ def test_config_is_found_in_order_and_named(confdir, tmp_path_factory):
     given = run("check-config", "--config", str(confdir / "gateway.toml"), cwd=elsewhere,
                 env={"GATEWAY_CONFIG": str(other)})
     assert given.stderr == "" and given.stdout.startswith(f"{confdir / 'gateway.toml'}: OK")
-    from gateway.typed import ConfigError
+    from gateway.infra.typed import ConfigError
 
     system = elsewhere / "etc-gateway.toml"
     with pytest.raises(ConfigError) as err:

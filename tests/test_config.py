@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
-from gateway.senders import Registry, globs_intersect, load_registry, load_sender
-from gateway.typed import ConfigError
+from gateway.infra.config import load_config
+from gateway.policy.senders import Registry, globs_intersect, load_registry, load_sender
+from gateway.infra.typed import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
-from gateway.senders import load_sender
-from gateway.typed import ConfigError
+from gateway.infra.config import load_config
+from gateway.policy.senders import load_sender
+from gateway.infra.typed import ConfigError
 from tests.conftest import EXAMPLE_SENDER, send
 
 CORPUS = Path(__file__).parent / "corpus"

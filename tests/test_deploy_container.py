@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config, parse_hostport
+from gateway.infra.config import load_config, parse_hostport
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER = ROOT / "deploy" / "container"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
+from gateway.infra.config import load_config
 from tests.conftest import EXAMPLE_SENDER, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

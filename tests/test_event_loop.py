@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config
+from gateway.infra.config import ConfigError, load_config
 from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
-from gateway.explain import explain, read_message
-from gateway.senders import load_registry
+from gateway.infra.config import load_config
+from gateway.ops.explain import explain, read_message
+from gateway.policy.senders import load_registry
 from tests.conftest import EXAMPLE_SENDER, MESSAGE, send
 from tests.test_content_corpus import CORPUS, EXPECTED, SENDERS
 

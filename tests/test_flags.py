@@ -1,4 +1,4 @@
-"""The flags store (gateway.flags, the flag_* methods of every state backend): keyed hashes only,
+"""The flags store (gateway.policy.flags, the flag_* methods of every state backend): keyed hashes only,
 one round trip per look-up, atomic replace under concurrent look-ups, sealed opt-out records;
 the CSV reader; the settings."""
 
@@ -13,14 +13,14 @@ import textwrap
 
 import pytest
 
-from gateway.clock import FakeClock
-from gateway.config import load_config
-from gateway.flags import (FERPA, OPT_OUT, UNSUBSCRIBED, FlagKeyMismatch, FlagKeys, FlagStore,
+from gateway.infra.clock import FakeClock
+from gateway.infra.config import load_config
+from gateway.policy.flags import (FERPA, OPT_OUT, UNSUBSCRIBED, FlagKeyMismatch, FlagKeys, FlagStore,
                            Scope, normalize, rule_of, set_name, sets_for)
-from gateway.flags_csv import CSVFormatError, read_addresses
-from gateway.smtp.address import AddressError
+from gateway.policy.flags_csv import CSVFormatError, read_addresses
+from gateway.message.address import AddressError
 from gateway.state import open_store
-from gateway.typed import ConfigError
+from gateway.infra.typed import ConfigError
 from tests.conftest import free_port
 from tests.redis_server import RedisServer
 
@@ -340,7 +340,7 @@ def test_shipped_configuration_documents_every_key_with_its_default():
     from pathlib import Path
 
     from gateway.checks import CHECK_SETTINGS
-    from gateway.config import FlagsConfig
+    from gateway.infra.config import FlagsConfig
 
     root = Path(__file__).resolve().parent.parent
     config = load_config(root / "gateway.toml")

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import load_config
-from gateway.flags import FlagKeyMismatch, Scope, open_flags
-from gateway.senders import load_registry
+from gateway.infra.config import load_config
+from gateway.policy.flags import FlagKeyMismatch, Scope, open_flags
+from gateway.policy.senders import load_registry
 from gateway.state import open_store
-from gateway.clock import FakeClock
+from gateway.infra.clock import FakeClock
 from tests.conftest import MESSAGE, free_port
 from tests.redis_server import RedisServer
 

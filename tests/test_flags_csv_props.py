@@ -1,4 +1,4 @@
-"""Property tests for the flags CSV reader (gateway.flags_csv): a header row is recognised and
+"""Property tests for the flags CSV reader (gateway.policy.flags_csv): a header row is recognised and
 skipped, and never an address row; every address written is read back, in order."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import io
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.flags_csv import ADDRESS_COLUMNS, read_addresses
+from gateway.policy.flags_csv import ADDRESS_COLUMNS, read_addresses
 
 local = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,15}", fullmatch=True).filter(
     lambda s: ".." not in s and not s.endswith("."))

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from gateway.flags import (DO_NOT_CONTACT, DO_NOT_EMAIL, FERPA, OPT_OUT, UNSUBSCRIBED, Scope,
+from gateway.policy.flags import (DO_NOT_CONTACT, DO_NOT_EMAIL, FERPA, OPT_OUT, UNSUBSCRIBED, Scope,
                            set_name)
 from tests.conftest import EXAMPLE_SENDER, MESSAGE
 
@@ -343,8 +343,8 @@ def test_quarantine_keeps_only_the_recipients_not_dropped(gateways, sink):
     """A later check that quarantines (e.g. sender_auth) stores the message for the recipients
     the flags left in, and a message left with none is not kept at all."""
     from gateway.checks.base import Check, Stage, Verdict
-    from gateway.config import CheckSettings
-    from gateway.smtp.replies import Reply
+    from gateway.infra.config import CheckSettings
+    from gateway.message.replies import Reply
 
     class Quarantining(Check):
         name = "stand_in"

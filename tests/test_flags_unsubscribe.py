@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from gateway.flags import FlagKeys, Scope
-from gateway.optout_links import Link, LinkSealer
+from gateway.policy.flags import FlagKeys, Scope
+from gateway.policy.optout_links import Link, LinkSealer
 from tests.conftest import MESSAGE, free_port, send
 
 FLAG_WORDS = re.compile(r"ferpa|do_not_email|do_not_contact|opt_out|unsubscribed", re.I)

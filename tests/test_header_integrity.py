@@ -10,7 +10,7 @@ import base64
 
 import pytest
 
-from gateway.clock import SystemClock
+from gateway.infra.clock import SystemClock
 from gateway.message.headers import SINGLE, SINGLE_MIME
 from gateway.relay.smtp import SMTPUpstream
 from tests.conftest import MESSAGE

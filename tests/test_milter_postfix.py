@@ -361,7 +361,7 @@ def flag(gw, name: str, *addresses: str) -> None:
 
 def test_flagged_recipients_are_deleted_and_the_rest_delivered(start, mta, relay_sink, tmp_path,
                                                                logs):
-    from gateway.flags import DO_NOT_EMAIL, FERPA
+    from gateway.policy.flags import DO_NOT_EMAIL, FERPA
 
     gw = start()
     flag(gw, FERPA, "alice@example.edu")
@@ -382,7 +382,7 @@ def test_flagged_recipients_are_deleted_and_the_rest_delivered(start, mta, relay
 
 def test_every_recipient_flagged_is_accepted_and_discarded(start, mta, relay_sink, tmp_path,
                                                            logs):
-    from gateway.flags import FERPA
+    from gateway.policy.flags import FERPA
 
     gw = start()
     flag(gw, FERPA, "alice@example.edu", "bob@example.edu")

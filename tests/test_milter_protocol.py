@@ -15,7 +15,7 @@ import time
 
 from kilter.protocol import messages as m
 
-from gateway.passwords import hash_password
+from gateway.policy.passwords import hash_password
 from tests.conftest import EXAMPLE_SENDER, MESSAGE
 from tests.milter_client import MilterClient, connect_packet, raw
 

@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 
-from gateway.metrics import DECISIONS
-from gateway.monitor import version
-from gateway.quarantine import Item
+from gateway.ops.metrics import DECISIONS
+from gateway.ops.monitor import version
+from gateway.policy.quarantine import Item
 from tests.conftest import MESSAGE, Sink, send
 
 
@@ -207,9 +207,9 @@ async def test_dns_timeout_counts_as_a_failure():
     """A nameserver that never answers (a bound UDP socket): the query times out and counts."""
     from prometheus_client import CollectorRegistry
 
-    from gateway.clock import SystemClock
-    from gateway.dns import DnsTempError, Resolver
-    from gateway.metrics import Metrics
+    from gateway.infra.clock import SystemClock
+    from gateway.infra.dns import DnsTempError, Resolver
+    from gateway.ops.metrics import Metrics
 
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
@@ -233,7 +233,7 @@ def test_ops_keys_documented_with_their_defaults():
     import re
     from pathlib import Path
 
-    from gateway.config import AdminConfig, LoggingConfig, UpstreamConfig, load_config
+    from gateway.infra.config import AdminConfig, LoggingConfig, UpstreamConfig, load_config
 
     shipped = Path(__file__).resolve().parent.parent / "gateway.toml"
     config = load_config(shipped)

@@ -116,9 +116,9 @@ def test_sender_registered_rate_is_lower_and_higher_is_refused(gateways, sink, t
     replies = send_many(gw, 8)
     assert sum(r[0] == 250 for r in replies) == 5
     assert (451, b"4.7.1 Sending rate of sender acme is limited to 5/minute; retry in 60 s") in replies
-    from gateway.config import load_config
-    from gateway.senders import load_registry
-    from gateway.typed import ConfigError
+    from gateway.infra.config import load_config
+    from gateway.policy.senders import load_registry
+    from gateway.infra.typed import ConfigError
 
     path = gateways.write(WIDE, senders={"acme": EXAMPLE_SENDER + 'rate = "31/minute"\n'})
     config = load_config(path)

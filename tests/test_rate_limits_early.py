@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.rates import Rate
+from gateway.policy.rates import Rate
 from gateway.state import Limit
 from tests.conftest import EXAMPLE_SENDER, MESSAGE
 from tests.raw_smtp import RawSMTP

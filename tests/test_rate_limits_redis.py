@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-from gateway.rates import Rate
+from gateway.policy.rates import Rate
 from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
 from tests.test_rate_limits import WIDE, send_many, send_one
 

@@ -1,4 +1,4 @@
-"""Reload (gateway.reload) through the admin API of a gateway listening on loopback: a valid
+"""Reload (gateway.ops.reload) through the admin API of a gateway listening on loopback: a valid
 change applies to new transactions while a transaction in progress finishes under the registry
 it began with, no session is dropped; an invalid change is refused whole (file, key, reason;
 log event; metric) and the running configuration stays; keys that cannot change live are named

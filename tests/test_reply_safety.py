@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.smtp.replies import Reply, escape_reply, from_upstream
+from gateway.message.replies import Reply, escape_reply, from_upstream
 from tests.conftest import MESSAGE
 from tests.raw_smtp import REPLY_LINE, RawSMTP
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gateway.passwords import hash_password
+from gateway.policy.passwords import hash_password
 from tests.conftest import EXAMPLE_SENDER
 from tests.raw_smtp import RawSMTP
 
@@ -147,7 +147,7 @@ def test_a_username_under_attack_from_several_ips_is_slowed_not_locked(gateways,
 
 
 def test_auth_failures_allowed_per_session_must_be_5_or_fewer(gateways):
-    from gateway.typed import ConfigError
+    from gateway.infra.typed import ConfigError
 
     with pytest.raises(ConfigError, match="auth_failures_per_session: must be between 1 and 5"):
         gateways.start("[limits]\nauth_failures_per_session = 6\n")
@@ -210,10 +210,10 @@ def test_lockout_holds_across_gateways_sharing_redis(gateways, tls_files, redis_
 async def test_scrypt_verifications_run_at_most_auth_concurrency_at_once():
     from prometheus_client import CollectorRegistry
 
-    from gateway.clock import FakeClock
-    from gateway.config import LimitsConfig
-    from gateway.maillog import MailLog
-    from gateway.metrics import Metrics
+    from gateway.infra.clock import FakeClock
+    from gateway.infra.config import LimitsConfig
+    from gateway.ops.maillog import MailLog
+    from gateway.ops.metrics import Metrics
     from gateway.smtp.auth_throttle import AuthThrottle
     from gateway.state.memory import MemoryStore
 

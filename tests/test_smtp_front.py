@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from gateway.passwords import hash_password
+from gateway.policy.passwords import hash_password
 from tests.conftest import EXAMPLE_SENDER, MESSAGE, send
 
 FAST_HASH = hash_password("s3cret-pass", ln=4)

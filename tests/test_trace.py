@@ -1,4 +1,4 @@
-"""The trace (gateway.trace): decisions of real traffic kept in the state store (SQLite here),
+"""The trace (gateway.ops.trace): decisions of real traffic kept in the state store (SQLite here),
 queried with `gateway trace` as a real process through the running gateway's admin API, by queue
 id, Message-ID, sender, decision and recipient; recipients only as keyed hashes, never bodies;
 expired with [trace] days and purged by the retention job."""

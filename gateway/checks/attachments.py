@@ -36,8 +36,8 @@ from email.utils import collapse_rfc2231_value
 from urllib.parse import unquote
 
 from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, reject
-from gateway.config import CheckSettings
-from gateway.typed import ConfigError
+from gateway.infra.config import CheckSettings
+from gateway.infra.typed import ConfigError
 
 POLICY = "policy IV.B.3.c.v"
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/(?:[a-z0-9!#$&^_.+-]+|\*)\Z")

@@ -12,7 +12,7 @@ from typing import Literal
 
 from publicsuffixlist import PublicSuffixList
 
-from gateway.smtp.address import valid_domain
+from gateway.message.address import valid_domain
 
 AlignmentMode = Literal["relaxed", "strict"]
 

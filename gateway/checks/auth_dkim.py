@@ -28,10 +28,10 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from nacl.exceptions import BadSignatureError
 
 from gateway.checks.auth_spf import printable
-from gateway.dns import DnsNameError, DnsTempError
+from gateway.infra.dns import DnsNameError, DnsTempError
 
 if TYPE_CHECKING:
-    from gateway.dns import Resolver
+    from gateway.infra.dns import Resolver
 
 log = structlog.get_logger("gateway.auth")
 

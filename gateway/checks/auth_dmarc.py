@@ -37,13 +37,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from gateway.dns import DnsNameError, DnsTempError
+from gateway.infra.dns import DnsNameError, DnsTempError
 
 if TYPE_CHECKING:
     from gateway.checks.auth_alignment import Aligner
     from gateway.checks.auth_dkim import DkimResult
     from gateway.checks.auth_spf import SpfResult
-    from gateway.dns import Resolver
+    from gateway.infra.dns import Resolver
 
 DmarcResultName = Literal["pass", "fail", "none", "temperror", "permerror"]
 Disposition = Literal["none", "quarantine", "reject"]

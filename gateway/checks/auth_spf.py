@@ -1,7 +1,7 @@
 """Policy IV.B.3.c.iii (SPF half): RFC 7208 ``check_host()`` by pyspf, on the shared resolver.
 
 pyspf resolves synchronously, so an evaluation runs in the resolver's bounded thread pool; every
-DNS query it makes goes back to the event loop through :meth:`gateway.dns.Resolver.in_thread`
+DNS query it makes goes back to the event loop through :meth:`gateway.infra.dns.Resolver.in_thread`
 (shared TTL cache, no blocking of the loop). pyspf keeps the RFC 7208 section 4.6.4 limits: at
 most 10 DNS-querying terms (include, a, mx, ptr, exists, redirect), 10 MX/PTR names each, two
 void look-ups; exceeding one is ``permerror``. A DNS failure is ``temperror``.
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Callable, Literal
 import spf
 import structlog
 
-from gateway.dns import Answer, DnsNameError, DnsTempError
-from gateway.smtp.address import valid_domain
+from gateway.infra.dns import Answer, DnsNameError, DnsTempError
+from gateway.message.address import valid_domain
 
 if TYPE_CHECKING:
-    from gateway.dns import Resolver
+    from gateway.infra.dns import Resolver
 
 log = structlog.get_logger("gateway.auth")
 

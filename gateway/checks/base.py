@@ -15,22 +15,22 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from gateway.config import CheckSettings
+from gateway.infra.config import CheckSettings
 from gateway.message.headers import Field, split
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
-    from gateway.adaptive import AdaptiveRate
+    from gateway.policy.adaptive import AdaptiveRate
     from gateway.checks.auth_dkim import DkimResult
-    from gateway.metrics import Metrics
-    from gateway.throttles import Throttles
-    from gateway.dns import Resolver
-    from gateway.quarantine import Quarantine
-    from gateway.clock import Clock
-    from gateway.config import Config
-    from gateway.senders import Registry, Sender
+    from gateway.ops.metrics import Metrics
+    from gateway.policy.throttles import Throttles
+    from gateway.infra.dns import Resolver
+    from gateway.policy.quarantine import Quarantine
+    from gateway.infra.clock import Clock
+    from gateway.infra.config import Config
+    from gateway.policy.senders import Registry, Sender
     from gateway.state import Store
-    from gateway.flags import FlagStore
+    from gateway.policy.flags import FlagStore
 
 
 class Stage(enum.Enum):
@@ -48,7 +48,7 @@ class Verdict:
     headers: tuple[tuple[str, str], ...] = ()
     # An accepted verdict may leave recipients out of the relay: (recipient, rule) pairs, the
     # rule an opaque label for the log. handle_DATA relays to the others (restarting the
-    # upstream transaction without them); none left: 250, nothing relayed (gateway.flags).
+    # upstream transaction without them); none left: 250, nothing relayed (gateway.policy.flags).
     drop: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -115,12 +115,12 @@ class Deps:
     metrics: Metrics | None = None
     adaptive: AdaptiveRate | None = None  # the gateway-wide rate, when [limits] adaptive
     throttles: Throttles | None = None  # run-time throttles, shared with the admin API
-    dns: Resolver | None = None  # the shared asynchronous resolver and cache (gateway.dns)
+    dns: Resolver | None = None  # the shared asynchronous resolver and cache (gateway.infra.dns)
     quarantine: Quarantine | None = None  # where "quarantine" verdicts store messages
     # the mail log's recipient-hashing key ([logging] hash_key_file): checks that keep recipients
-    # in the state store keep them as keyed hashes with it (gateway.audience.recipient_hash)
+    # in the state store keep them as keyed hashes with it (gateway.policy.audience.recipient_hash)
     recipient_key: bytes | None = None
-    flags: FlagStore | None = None  # recipient flags (gateway.flags), keyed with [flags] key_file
+    flags: FlagStore | None = None  # recipient flags (gateway.policy.flags), keyed with [flags] key_file
 
 
 class Check:
@@ -140,7 +140,7 @@ class Check:
         self.deps = deps
 
     def inherit(self, previous: Check) -> None:
-        """At a reload (gateway.reload), take over the run-time state (caches, per-process
+        """At a reload (gateway.ops.reload), take over the run-time state (caches, per-process
         counts) of ``previous``, the same check built from the configuration before."""
 
     def active(self, ctx: Context) -> bool:

@@ -8,7 +8,7 @@ that later checks know the sender.
 from __future__ import annotations
 
 from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, reject
-from gateway.senders import Registry
+from gateway.policy.senders import Registry
 
 
 def identify(ctx: Context, registry: Registry) -> None:

@@ -1,9 +1,9 @@
 """Policy IV.B.3.c.iv: "Messages to audiences containing over 15,000 university email addresses
 may not be sent during business hours."
 
-At DATA, the message's campaign and audience are worked out (gateway.audience): the largest of
+At DATA, the message's campaign and audience are worked out (gateway.policy.audience): the largest of
 the declared size, and the distinct university recipients plus distribution-list members the
-campaign reached within ``[business_hours] window``. During business hours (gateway.business_hours)
+campaign reached within ``[business_hours] window``. During business hours (gateway.policy.business_hours)
 a message of a campaign over ``[business_hours] large_audience`` is deferred with ``451 4.7.1``
 naming the hours and when to retry, so the vendor's MTA completes the send after hours
 (``action = "reject"``: ``550 5.7.1``). Outside business hours it passes.
@@ -31,16 +31,16 @@ from typing import Literal
 
 import structlog
 
-from gateway.audience import (Audience, Campaign, LargestCampaigns, crossed, declared_size,
+from gateway.policy.audience import (Audience, Campaign, LargestCampaigns, crossed, declared_size,
                               identify, measure, peek, recipient_hash)
-from gateway.business_hours import BusinessHours
+from gateway.policy.business_hours import BusinessHours
 from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, defer, reject
-from gateway.config import CheckSettings
+from gateway.infra.config import CheckSettings
 from gateway.state import Store, StoreError
 from gateway.state.memory import MemoryStore
-from gateway.typed import ConfigError
+from gateway.infra.typed import ConfigError
 
-log = structlog.get_logger("gateway.audience")
+log = structlog.get_logger("gateway.policy.audience")
 _FIELD_NAME = re.compile(r"[!-9;-~]+\Z")  # RFC 5322 field-name: printable ASCII except ':'
 _HASH_INLINE_MAX = 256  # more recipients than this are hashed in a worker thread
 

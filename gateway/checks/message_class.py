@@ -20,9 +20,9 @@ import re
 from dataclasses import dataclass
 
 from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, reject
-from gateway.config import CheckSettings
-from gateway.senders import MESSAGE_CLASSES, Sender
-from gateway.typed import ConfigError
+from gateway.infra.config import CheckSettings
+from gateway.policy.senders import MESSAGE_CLASSES, Sender
+from gateway.infra.typed import ConfigError
 
 DEFAULT_CLASS = "promotional"
 _FIELD_NAME = re.compile(r"[!-9;-~]+\Z")  # RFC 5322 field-name: printable ASCII except ':'

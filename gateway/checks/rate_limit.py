@@ -18,10 +18,10 @@ import secrets
 import structlog
 
 from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, defer
-from gateway.rates import Rate
+from gateway.policy.rates import Rate
 from gateway.state import Admission, Limit, StoreError
 from gateway.state.memory import MemoryStore
-from gateway.throttles import GLOBAL, Throttles
+from gateway.policy.throttles import GLOBAL, Throttles
 
 log = structlog.get_logger("gateway.limits")
 

@@ -2,14 +2,14 @@
 only receive messages related to educational business". IV.C.4.a: Do Not Email and Do Not
 Contact flags are respected; IV.C.4.b and IV.C.5.b: preferences (opt-outs) are honoured.
 
-Each flag (gateway.flags) allows its carriers some message classes (``ctx.message_class``, set by
+Each flag (gateway.policy.flags) allows its carriers some message classes (``ctx.message_class``, set by
 the message_class check), configured in ``[checks.recipient_flags]``: by default ``ferpa``,
 ``do_not_email``, ``do_not_contact`` and ``opt_out`` all allow ``educational`` and
 ``transactional`` mail only. A recipient carrying several flags gets only the classes all of them
 allow. Opt-outs count when they are global, for the message's sender, or for its organization.
 
 A flagged recipient is handled without telling the vendor why; no reply and no log line names a
-flag (the log names the rule by an opaque id, gateway.flags.FlagKeys.rule_id):
+flag (the log names the rule by an opaque id, gateway.policy.flags.FlagKeys.rule_id):
 
 * ``on_flagged = "drop"`` (default): the recipient is accepted at RCPT like any other, and left
   out of the relay at DATA (the message still goes to the others; a message whose every recipient
@@ -34,7 +34,7 @@ The DATA half runs before the rate limit, so a message whose every recipient is 
 is not relayed) spends no sending budget.
 
 With ``[flags] unsubscribe_base_url`` set, this check also rewrites the one-click unsubscribe
-link of single-recipient mail (gateway.optout_links), whenever its mode is not ``off``.
+link of single-recipient mail (gateway.policy.optout_links), whenever its mode is not ``off``.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ import structlog
 
 from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, defer
 from gateway.checks.message_class import message_class_of
-from gateway.config import CheckSettings
-from gateway.flags import RULES, FlagStore, open_flags, rule_of, sets_for
-from gateway.optout_links import LinkSealer, is_list_unsubscribe, rewritten
-from gateway.senders import MESSAGE_CLASSES, MessageClass, Sender
-from gateway.smtp.replies import Reply
+from gateway.infra.config import CheckSettings
+from gateway.policy.flags import RULES, FlagStore, open_flags, rule_of, sets_for
+from gateway.policy.optout_links import LinkSealer, is_list_unsubscribe, rewritten
+from gateway.policy.senders import MESSAGE_CLASSES, MessageClass, Sender
+from gateway.message.replies import Reply
 from gateway.state import StoreError
-from gateway.typed import ConfigError
+from gateway.infra.typed import ConfigError
 
-log = structlog.get_logger("gateway.flags")
+log = structlog.get_logger("gateway.policy.flags")
 REFUSED = Reply(550, "5.7.1", "recipient does not accept this message")
 UNAVAILABLE = defer(451, "4.3.0", "Temporary local problem; try again later",
                     "recipient_state_unavailable")

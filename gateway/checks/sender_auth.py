@@ -40,9 +40,9 @@ from gateway.checks.auth_results import HEADER, format_value
 from gateway.checks.auth_spf import SpfResult, check_spf
 from gateway.checks.base import Check, Context, Deps, Stage, Verdict, defer, reject
 from gateway.checks.dkim_once import verified
-from gateway.config import CheckSettings
-from gateway.smtp.replies import Reply
-from gateway.typed import ConfigError
+from gateway.infra.config import CheckSettings
+from gateway.message.replies import Reply
+from gateway.infra.typed import ConfigError
 
 log = structlog.get_logger("gateway.auth")
 

@@ -34,7 +34,7 @@ from gateway.checks.auth_dkim import DkimResult, DkimVerifier
 from gateway.checks.base import ACCEPT, Check, Context, Deps, Stage, Verdict, defer, reject
 from gateway.checks.dkim_once import verified
 from gateway.checks.message_class import message_class_of
-from gateway.config import CheckSettings
+from gateway.infra.config import CheckSettings
 
 ONE_CLICK = "List-Unsubscribe=One-Click"
 _COMMENT = re.compile(r"\([^()]*\)")

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 from gateway.checks.base import Context
 from gateway.engine.message import message_id
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
     from gateway.engine.transaction import Transaction
-    from gateway.maillog import MailLog
-    from gateway.metrics import Metrics
+    from gateway.ops.maillog import MailLog
+    from gateway.ops.metrics import Metrics
 
 
 def sender_label(ctx: Context) -> str:
@@ -25,7 +25,7 @@ class Decisions:
         self.maillog = maillog
         self.metrics = metrics
         # also told of every decision: (txn, action, reason, reply, stage, decided_by); the
-        # status page's recent decisions (gateway.recent)
+        # status page's recent decisions (gateway.ops.recent)
         self.observers: list = []
 
     def decided(self, txn: Transaction, action: str, reason: str, reply: Reply | None, *,

@@ -20,17 +20,17 @@ from gateway.engine.decisions import Decisions
 from gateway.engine.generation import Generation
 from gateway.engine.transaction import Client, RcptDecision, Result, Transaction
 from gateway.message.intake import admit
-from gateway.quarantine import item_for
-from gateway.smtp.address import AddressError, parse_mailbox
-from gateway.smtp.replies import Reply
+from gateway.policy.quarantine import item_for
+from gateway.message.address import AddressError, parse_mailbox
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
     from gateway.checks.pipeline import Pipeline
-    from gateway.clock import Clock
-    from gateway.config import Config
-    from gateway.maillog import MailLog
-    from gateway.metrics import Metrics
-    from gateway.senders import Registry
+    from gateway.infra.clock import Clock
+    from gateway.infra.config import Config
+    from gateway.ops.maillog import MailLog
+    from gateway.ops.metrics import Metrics
+    from gateway.policy.senders import Registry
 
 log = structlog.get_logger("gateway.engine")
 
@@ -58,7 +58,7 @@ class Engine:
         return self.generation.pipeline
 
     def switch(self, generation: Generation) -> None:
-        """Decide transactions that begin from now on under ``generation`` (gateway.reload)."""
+        """Decide transactions that begin from now on under ``generation`` (gateway.ops.reload)."""
         self.generation = generation
 
     # --- MAIL -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What transactions are decided under: the configuration, the sender registry and the checks
-built from them. A reload (gateway.reload) builds a new generation and the engine switches to it;
+built from them. A reload (gateway.ops.reload) builds a new generation and the engine switches to it;
 a transaction keeps the one it began with, so a message in flight finishes under the registry
 its MAIL was accepted under."""
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway.smtp.address import DomainSet
+from gateway.message.address import DomainSet
 
 if TYPE_CHECKING:
     from gateway.checks.pipeline import Pipeline
-    from gateway.config import Config
-    from gateway.senders import Registry
+    from gateway.infra.config import Config
+    from gateway.policy.senders import Registry
 
 
 @dataclass(frozen=True)

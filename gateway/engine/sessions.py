@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
-    from gateway.config import LimitsConfig
-    from gateway.metrics import Metrics
+    from gateway.infra.config import LimitsConfig
+    from gateway.ops.metrics import Metrics
 
 
 class SessionCounts:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from gateway.checks.base import Context
 from gateway.checks.pipeline import Outcome
 from gateway.engine.edits import field_positions
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
     from gateway.engine.generation import Generation

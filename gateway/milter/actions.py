@@ -5,7 +5,7 @@ from __future__ import annotations
 from kilter.protocol import messages as m
 
 from gateway.engine import Result
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 
 
 def reply_code(reply: Reply) -> m.ReplyCode:

@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from gateway.config import parse_hostport
+from gateway.infra.config import parse_hostport
 from gateway.engine.sessions import SessionCounts
 from gateway.milter.session import MilterSession
 
 if TYPE_CHECKING:
-    from gateway.arc import ArcSealer
-    from gateway.config import Config
+    from gateway.message.arc import ArcSealer
+    from gateway.infra.config import Config
     from gateway.engine import Engine
-    from gateway.maillog import MailLog
-    from gateway.metrics import Metrics
+    from gateway.ops.maillog import MailLog
+    from gateway.ops.metrics import Metrics
 
 log = structlog.get_logger("gateway.milter")
 
@@ -30,7 +30,7 @@ class MilterServer:
                  arc: ArcSealer | None = None) -> None:
         self.config = config
         self.counts = counts or SessionCounts(config.limits, metrics)
-        self.arc = arc  # [arc]: seal what the MTA relays (gateway.arc)
+        self.arc = arc  # [arc]: seal what the MTA relays (gateway.message.arc)
         self.engine = engine
         self.maillog = maillog
         self.metrics = metrics

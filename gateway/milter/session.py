@@ -23,7 +23,7 @@ from kilter.protocol import messages as m
 from gateway.engine import Client, Transaction
 from gateway.milter import wire
 from gateway.milter.actions import edits, reply_code
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
     from gateway.milter.server import MilterServer

@@ -11,11 +11,11 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
-    from gateway.clock import Clock
-    from gateway.config import Config
+    from gateway.infra.clock import Clock
+    from gateway.infra.config import Config
 
 UNAVAILABLE = Reply(451, "4.4.1", "Campus mail is unavailable; try again later")
 CONNECTION_LOST = Reply(451, "4.4.2", "Connection to campus mail lost; try again later")

@@ -11,8 +11,8 @@ import socket
 import time
 from pathlib import Path
 
-from gateway.files import fsync_dir, write_atomic
-from gateway.smtp.replies import Reply
+from gateway.infra.files import fsync_dir, write_atomic
+from gateway.message.replies import Reply
 
 
 class MaildirUpstream:

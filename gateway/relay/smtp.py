@@ -11,9 +11,9 @@ import aiosmtplib
 from aiosmtplib import (SMTPException, SMTPResponseException,
                         SMTPSenderRefused, SMTPServerDisconnected)
 
-from gateway.clock import Clock
+from gateway.infra.clock import Clock
 from gateway.relay.base import CONNECTION_LOST, POOL_BUSY, UNAVAILABLE, UpstreamError
-from gateway.smtp.replies import Reply, from_upstream
+from gateway.message.replies import Reply, from_upstream
 
 _TRANSPORT_ERRORS = (OSError, asyncio.TimeoutError, SMTPServerDisconnected,
                      aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPConnectError)

@@ -26,15 +26,15 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 from gateway.state import StoreError
 from gateway.state.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from gateway.clock import Clock
-    from gateway.config import LimitsConfig
-    from gateway.maillog import MailLog
-    from gateway.metrics import Metrics
+    from gateway.infra.clock import Clock
+    from gateway.infra.config import LimitsConfig
+    from gateway.ops.maillog import MailLog
+    from gateway.ops.metrics import Metrics
     from gateway.state import Store
 
 INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import structlog
 from aiolimiter import AsyncLimiter
 
-from gateway.rates import Rate
-from gateway.smtp.replies import Reply
+from gateway.policy.rates import Rate
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
-    from gateway.config import LimitsConfig
-    from gateway.metrics import Metrics
+    from gateway.infra.config import LimitsConfig
+    from gateway.ops.metrics import Metrics
 
 log = structlog.get_logger("gateway.smtp")
 MAX_TRACKED_IPS = 10_000  # per-IP buckets kept (least recently seen dropped first)

@@ -24,23 +24,23 @@ from aiosmtpd.smtp import LoginPassword
 
 from gateway.engine import Client, Engine, Transaction
 from gateway.engine.sessions import SessionCounts
-from gateway.passwords import hash_password, verify_password
+from gateway.policy.passwords import hash_password, verify_password
 from gateway.relay.base import Transaction as UpstreamTransaction
 from gateway.relay.base import Upstream, UpstreamError
 from gateway.smtp.auth_throttle import AuthThrottle
 from gateway.smtp.guard import ConnectionGuard
 from gateway.smtp.recipients import DUPLICATE, path_key
-from gateway.smtp.replies import Reply
+from gateway.message.replies import Reply
 from gateway.smtp.server import NULL_PATH
 from gateway.state.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from gateway.adaptive import AdaptiveRate
-    from gateway.arc import ArcSealer
-    from gateway.config import Config
-    from gateway.maillog import MailLog
-    from gateway.metrics import Metrics
-    from gateway.senders import Registry
+    from gateway.policy.adaptive import AdaptiveRate
+    from gateway.message.arc import ArcSealer
+    from gateway.infra.config import Config
+    from gateway.ops.maillog import MailLog
+    from gateway.ops.metrics import Metrics
+    from gateway.policy.senders import Registry
     from gateway.state import Store
 
 log = structlog.get_logger("gateway.smtp")
@@ -61,7 +61,7 @@ class Handler:
                  adaptive: AdaptiveRate | None = None, store: Store | None = None,
                  arc: ArcSealer | None = None, counts: SessionCounts | None = None) -> None:
         self.engine = engine  # config and registry: the engine's current generation (reload)
-        self.arc = arc  # [arc]: seal what is relayed (gateway.arc)
+        self.arc = arc  # [arc]: seal what is relayed (gateway.message.arc)
         self.upstream = upstream
         self.maillog = maillog
         self.metrics = metrics

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 
-from gateway.smtp.address import _DOT_ATOM, AddressError, Mailbox, parse_mailbox
-from gateway.smtp.replies import Reply
+from gateway.message.address import _DOT_ATOM, AddressError, Mailbox, parse_mailbox
+from gateway.message.replies import Reply
 
 DUPLICATE = Reply(250, "2.1.5", "Duplicate recipient; already accepted")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 
-from gateway.smtp.address import split_path
-from gateway.smtp.replies import Reply, add_enhanced, escape_reply
+from gateway.message.address import split_path
+from gateway.message.replies import Reply, add_enhanced, escape_reply
 
 NULL_PATH = "<>"
 DATA_WINDOW = 256 * 1024  # bytes scanned (and buffered) per read while receiving DATA

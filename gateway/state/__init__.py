@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
-from gateway.clock import Clock
+from gateway.infra.clock import Clock
 
 
 class StoreError(Exception):
@@ -81,7 +81,7 @@ class Store(Protocol):
         ``limit``. ``members`` may be empty: the count is then only read.
         """
 
-    # Recipient flags (gateway.flags): named sets of members (keyed hashes, never addresses).
+    # Recipient flags (gateway.policy.flags): named sets of members (keyed hashes, never addresses).
 
     async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:
         """For each member in any of the sets ``names``, the names of those sets: one round

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 
-from gateway.clock import Clock
+from gateway.infra.clock import Clock
 from gateway.state import Admission, Limit, retry_after
 
 
@@ -14,7 +14,7 @@ class MemoryStore:
         self.clock = clock
         self._data: dict[str, tuple[bytes, float | None]] = {}
         self._windows: dict[str, list[float]] = {}
-        self._flags: dict[str, set[str]] = {}  # recipient flag sets (gateway.flags)
+        self._flags: dict[str, set[str]] = {}  # recipient flag sets (gateway.policy.flags)
         self._distinct: dict[str, OrderedDict[str, float]] = {}  # key: member -> expires
 
     def _now(self) -> float:
@@ -91,7 +91,7 @@ class MemoryStore:
                 wait, worst = w, i
         return Admission(wait, worst, first)
 
-    # --- recipient flags (gateway.flags): sets of keyed hashes ----------------------------
+    # --- recipient flags (gateway.policy.flags): sets of keyed hashes ----------------------------
 
     async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}

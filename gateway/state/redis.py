@@ -8,7 +8,7 @@ import math
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.clock import Clock
+from gateway.infra.clock import Clock
 from gateway.state import Admission, Limit, StoreError
 
 # KEYS: the window keys. ARGV: now, token, then count, window and cost for each key.
@@ -84,7 +84,7 @@ return redis.call('PFCOUNT', unpack(KEYS))
 DISTINCT_BUCKETS = 7
 
 
-# Recipient flags (gateway.flags): one set per flag under "flag:NAME". A replace fills a build
+# Recipient flags (gateway.policy.flags): one set per flag under "flag:NAME". A replace fills a build
 # key (expiring, so a killed import leaves nothing behind), then this script swaps it in
 # atomically; the old set is renamed aside and UNLINKed (freed off Redis's main thread).
 # KEYS: the live set, the build, the aside name. Returns the new size.
@@ -177,7 +177,7 @@ class RedisStore:
             self._peek(keys=[lim.key for lim in limits], args=args))
         return Admission(float(wait), int(worst), int(used))
 
-    # --- recipient flags (gateway.flags) ----------------------------------------------------
+    # --- recipient flags (gateway.policy.flags) ----------------------------------------------------
 
     async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:
         if not names or not members:

@@ -14,7 +14,7 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gateway.clock import Clock
+from gateway.infra.clock import Clock
 from gateway.state import Admission, Limit, StoreError
 
 _SCHEMA = """
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS distinct_members (
     PRIMARY KEY (key, member)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS distinct_members_expires ON distinct_members (expires);
--- recipient flags (gateway.flags): each flag's live generation of members is named in
+-- recipient flags (gateway.policy.flags): each flag's live generation of members is named in
 -- flag_sets; flag_gens allocates generations (and dates builds, so an abandoned one is found)
 CREATE TABLE IF NOT EXISTS flag_gens (
     gen INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -261,7 +261,7 @@ class SQLiteStore:
     async def peek(self, limits: list[Limit], now: float) -> Admission:
         return await self._quick(self._peek, limits, now)
 
-    # --- recipient flags (gateway.flags) ----------------------------------------------------
+    # --- recipient flags (gateway.policy.flags) ----------------------------------------------------
     # A flag's members form a generation; flag_sets names each flag's live one. A replace fills
     # a new generation in short transactions (other writers wait milliseconds, not the whole
     # import), swaps flag_sets in one, then deletes the old generation in chunks: a reader sees

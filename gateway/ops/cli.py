@@ -12,9 +12,9 @@ from pathlib import Path
 
 import structlog
 
-from gateway.config import Config, load_config
-from gateway.senders import Registry
-from gateway.typed import ConfigError
+from gateway.infra.config import Config, load_config
+from gateway.policy.senders import Registry
+from gateway.infra.typed import ConfigError
 
 from gateway import __version__
 
@@ -45,7 +45,7 @@ def locate_config(given: str | None, environ=os.environ, cwd: Path | None = None
 
 
 def _load(args) -> tuple[Config, Registry]:
-    from gateway.senders import load_registry
+    from gateway.policy.senders import load_registry
 
     config = load_config(args.config)
     return config, load_registry(config.path(config.senders.dir), config.checks,
@@ -54,11 +54,11 @@ def _load(args) -> tuple[Config, Registry]:
 
 def cmd_serve(args) -> int:
     from gateway.app import StartError, serve
-    from gateway.flags import FlagKeyMismatch
-    from gateway.event_loop import loop_factory
-    from gateway.maillog import configure_logging
+    from gateway.policy.flags import FlagKeyMismatch
+    from gateway.infra.event_loop import loop_factory
+    from gateway.ops.maillog import configure_logging
 
-    from gateway.preflight import PreflightError
+    from gateway.ops.preflight import PreflightError
 
     config, _ = _load(args)
     configure_logging(config.logging.level, config.logging.format)
@@ -84,8 +84,8 @@ def cmd_serve(args) -> int:
 
 def cmd_check_config(args) -> int:
     """Everything ``serve`` checks before it listens, without serving: the configuration, the
-    sender registry, and the paths, permissions and keys it would use (gateway.preflight)."""
-    from gateway.preflight import PreflightError, check
+    sender registry, and the paths, permissions and keys it would use (gateway.ops.preflight)."""
+    from gateway.ops.preflight import PreflightError, check
 
     config, registry = _load(args)
     try:
@@ -135,10 +135,10 @@ def cmd_senders_check(args) -> int:
 
 
 def cmd_senders_verify(args) -> int:
-    """Onboarding preflight against DNS (gateway.onboarding); one line per problem."""
-    from gateway.clock import SystemClock
-    from gateway.dns import Resolver
-    from gateway.onboarding import verify
+    """Onboarding preflight against DNS (gateway.ops.onboarding); one line per problem."""
+    from gateway.infra.clock import SystemClock
+    from gateway.infra.dns import Resolver
+    from gateway.ops.onboarding import verify
 
     config, registry = _load(args)
     sender = registry.by_id.get(args.id)
@@ -174,7 +174,7 @@ def cmd_senders_verify(args) -> int:
 def audit_cli(config: Config, action: str, **changed) -> int:
     """Record a CLI action in the audit trail ([logging] audit_file) with the OS user; 0, or 1
     (and why, on stderr) when the action was done but could not be recorded."""
-    from gateway import audit
+    from gateway.ops import audit
 
     path = config.path(config.logging.audit_file)
     try:
@@ -195,8 +195,8 @@ def _toml_list(values) -> str:
 
 
 def cmd_senders_add(args) -> int:
-    from gateway.passwords import generate_password, hash_password
-    from gateway.senders import Registry, check_ceiling, load_sender
+    from gateway.policy.passwords import generate_password, hash_password
+    from gateway.policy.senders import Registry, check_ceiling, load_sender
 
     config, registry = _load(args)
     directory = config.path(config.senders.dir)
@@ -284,7 +284,7 @@ def _admin_call(args, method: str, path: str, body: dict | None = None, *,
     import urllib.error
     import urllib.request
 
-    from gateway.config import parse_hostport
+    from gateway.infra.config import parse_hostport
 
     config = load_config(args.config)
     host, port = parse_hostport(config.admin.listen)
@@ -356,7 +356,7 @@ def _apply_running(args) -> str:
 
 def cmd_explain(args) -> int:
     """The real pipeline on one message, without relaying, spending or writing anything."""
-    from gateway.explain import BadInput, explain, parse_at, read_message
+    from gateway.ops.explain import BadInput, explain, parse_at, read_message
 
     config, registry = _load(args)
     try:
@@ -434,7 +434,7 @@ def cmd_throttle_clear(args) -> int:
 
 
 def _quarantine(args):
-    from gateway.quarantine import Quarantine
+    from gateway.policy.quarantine import Quarantine
 
     config = load_config(args.config)
     return config, Quarantine(config.path(config.quarantine.dir))
@@ -456,7 +456,7 @@ def cmd_quarantine_list(args) -> int:
 def cmd_quarantine_show(args) -> int:
     from dataclasses import asdict
 
-    from gateway.quarantine import QuarantineError
+    from gateway.policy.quarantine import QuarantineError
 
     _, quarantine = _quarantine(args)
     try:
@@ -478,8 +478,8 @@ def cmd_quarantine_show(args) -> int:
 
 
 def cmd_quarantine_release(args) -> int:
-    from gateway.clock import SystemClock
-    from gateway.quarantine import QuarantineError
+    from gateway.infra.clock import SystemClock
+    from gateway.policy.quarantine import QuarantineError
     from gateway.relay import open_upstream
 
     config, quarantine = _quarantine(args)
@@ -510,7 +510,7 @@ def cmd_quarantine_release(args) -> int:
 
 
 def cmd_quarantine_delete(args) -> int:
-    from gateway.quarantine import QuarantineError
+    from gateway.policy.quarantine import QuarantineError
 
     config, quarantine = _quarantine(args)
     try:
@@ -525,7 +525,7 @@ def cmd_quarantine_delete(args) -> int:
 
 
 def _rate(text: str) -> str:
-    from gateway.rates import Rate
+    from gateway.policy.rates import Rate
 
     try:
         return str(Rate.parse(text))
@@ -541,7 +541,7 @@ def _date(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gateway.senders import MESSAGE_CLASSES
+    from gateway.policy.senders import MESSAGE_CLASSES
 
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
@@ -661,10 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     qdelete = quarantine.add_parser("delete", parents=[common], help="remove without relaying")
     qdelete.add_argument("id", help="the quarantine id (from list)")
     qdelete.set_defaults(func=cmd_quarantine_delete)
-    from gateway.flags_cli import add_parser as add_flags_parser
+    from gateway.ops.flags_cli import add_parser as add_flags_parser
 
     add_flags_parser(sub, common)  # gateway flags import | remove | check | list | export-optouts
-    from gateway.arc_cli import add_parser as add_arc_parser
+    from gateway.ops.arc_cli import add_parser as add_arc_parser
 
     add_arc_parser(sub, common)  # gateway arc keygen
     return parser

@@ -11,14 +11,14 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import audit
-from gateway.rates import Rate, parse_duration
+from gateway.ops import audit
+from gateway.policy.rates import Rate, parse_duration
 from gateway.state import StoreError
-from gateway.status_page import StatusPage
-from gateway.throttles import GLOBAL
-from gateway.trace import DECISIONS
+from gateway.ops.status_page import StatusPage
+from gateway.policy.throttles import GLOBAL
+from gateway.ops.trace import DECISIONS
 
-log = structlog.get_logger("gateway.admin")
+log = structlog.get_logger("gateway.ops.admin")
 
 
 _ACTOR = re.compile(r"[^A-Za-z0-9._@:+-]")
@@ -72,7 +72,7 @@ def admin_app(app_state) -> web.Application:
         return await handler(request)
 
     async def audited(request: web.Request, action: str, **changed) -> None:
-        """The audit event of an API action (gateway.audit), in the trail and in this log."""
+        """The audit event of an API action (gateway.ops.audit), in the trail and in this log."""
         actor = token_actor(request)
         path = getattr(app_state, "audit_file", None)
         if path is None:
@@ -115,13 +115,13 @@ def admin_app(app_state) -> web.Application:
         return web.json_response({"target": target, "cleared": existed})
 
     async def reload(request: web.Request) -> web.Response:
-        """Re-read gateway.toml and the sender files (gateway.reload): 200 with what changed
+        """Re-read gateway.toml and the sender files (gateway.ops.reload): 200 with what changed
         and what needs a restart, or 422 naming the file, key and reason of the refusal."""
         result = await app_state.reload(actor_of(request), token_actor(request))
         return web.json_response(result.to_json(), status=200 if result.applied else 422)
 
     async def trace(request: web.Request) -> web.Response:
-        """Decisions kept in the state store (gateway.trace): one of queue_id, message_id or
+        """Decisions kept in the state store (gateway.ops.trace): one of queue_id, message_id or
         sender, then since (e.g. 2h), decision, recipient (hashed here to match)."""
         q = request.query
         try:

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from email.message import Message
 
-from gateway.clock import Clock
+from gateway.infra.clock import Clock
 from gateway.state import Store
 
 _SHOWN = 60  # characters of a campaign identifier shown in replies and logs
@@ -48,7 +48,7 @@ _REPLY_PREFIX = re.compile(r"^\s*(?:(?:re|fwd?|aw|wg|sv|antw)\s*(?:\[\d+\])?\s*:
 
 def recipient_hash(key: bytes, address: str) -> str:
     """An address as a keyed hash: the same value as the mail log's hashed recipients
-    (gateway.maillog.MailLog.rcpt_id with ``recipients = "hashed"``)."""
+    (gateway.ops.maillog.MailLog.rcpt_id with ``recipients = "hashed"``)."""
     return hmac.new(key, address.lower().encode(), hashlib.sha256).hexdigest()[:20]
 
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 from gateway.checks.auth_dkim import _parse_key  # the key parsing the DKIM check applies
 from gateway.checks.auth_spf import check_spf, printable
-from gateway.dns import DnsNameError, DnsTempError
+from gateway.infra.dns import DnsNameError, DnsTempError
 
 if TYPE_CHECKING:
-    from gateway.dns import Resolver
-    from gateway.senders import Sender
+    from gateway.infra.dns import Resolver
+    from gateway.policy.senders import Sender
 
 EXPIRY_WARNING_DAYS = 30
 MIN_RSA_BITS = 1024  # RFC 8301

@@ -16,8 +16,8 @@ import os
 import ssl
 from pathlib import Path
 
-from gateway.config import Config
-from gateway.typed import ConfigError
+from gateway.infra.config import Config
+from gateway.infra.typed import ConfigError
 
 
 def _strerror(exc: OSError) -> str:
@@ -53,7 +53,7 @@ def readable_file(path: Path) -> str | None:
 
 
 def secret_file(path: Path) -> str | None:
-    """A key file the gateway reads, or creates on first start (gateway.maillog._secret_file)."""
+    """A key file the gateway reads, or creates on first start (gateway.ops.maillog._secret_file)."""
     if path.exists() or path.is_symlink():
         return readable_file(path)
     return _creatable(path)
@@ -168,7 +168,7 @@ def file_problems(config: Config) -> list[ConfigError]:
             problem(f"milter.listen[{i}]", path, writable_dir(path.parent))
     arc = getattr(config, "arc", None)
     if arc is not None and arc.domain:  # sealing on: the key is read at start
-        from gateway.arc import ArcKeyError, load_key
+        from gateway.message.arc import ArcKeyError, load_key
 
         try:
             load_key(config.path(arc.key_file))
@@ -186,9 +186,9 @@ async def store_problems(config: Config, timeout: float = 5.0) -> list[ConfigErr
     """The flags key file against the key the state store's flags were built with (``serve``
     refuses to start with another one). Skipped when the store holds nothing yet (a SQLite
     file not created) or keeps nothing (``memory:``)."""
-    from gateway.clock import SystemClock
-    from gateway.flags import FlagKeyMismatch, FlagKeys, FlagStore, _KEY_ID
-    from gateway.maillog import load_hash_key
+    from gateway.infra.clock import SystemClock
+    from gateway.policy.flags import FlagKeyMismatch, FlagKeys, FlagStore, _KEY_ID
+    from gateway.ops.maillog import load_hash_key
     from gateway.state import open_store
 
     url = config.state.url

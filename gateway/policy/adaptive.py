@@ -5,8 +5,8 @@ observes itself."""
 
 from __future__ import annotations
 
-from gateway.clock import Clock
-from gateway.rates import Rate
+from gateway.infra.clock import Clock
+from gateway.policy.rates import Rate
 
 
 class AdaptiveRate:

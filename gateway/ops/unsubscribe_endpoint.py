@@ -2,7 +2,7 @@
 IV.C.5.b (preferences honoured) and IV.B.3, exception process item 8 (opt-outs go back to the
 system of record, with ``gateway flags export-optouts``).
 
-Served by the admin listener at ``/u/{token}`` (gateway.optout_links makes the links; put only
+Served by the admin listener at ``/u/{token}`` (gateway.policy.optout_links makes the links; put only
 ``/u/`` behind the public ``[flags] unsubscribe_base_url``, never ``/api/`` or ``/metrics``):
 
 * ``POST`` with ``List-Unsubscribe=One-Click`` (form-encoded or multipart, RFC 8058 3.2): the
@@ -32,17 +32,17 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from gateway.flags import Scope
-from gateway.optout_links import Expired, LinkSealer
+from gateway.policy.flags import Scope
+from gateway.policy.optout_links import Expired, LinkSealer
 from gateway.state import StoreError
 
 if TYPE_CHECKING:
-    from gateway.clock import Clock
-    from gateway.config import Config
-    from gateway.flags import FlagStore
-    from gateway.maillog import MailLog
-    from gateway.metrics import Metrics
-    from gateway.senders import Registry
+    from gateway.infra.clock import Clock
+    from gateway.infra.config import Config
+    from gateway.policy.flags import FlagStore
+    from gateway.ops.maillog import MailLog
+    from gateway.ops.metrics import Metrics
+    from gateway.policy.senders import Registry
 
 log = structlog.get_logger("gateway.unsubscribe")
 _DONE = "unsub-forwarded:"

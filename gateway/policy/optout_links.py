@@ -5,7 +5,7 @@ honoured) as well as reaching the vendor.
 With ``[flags] unsubscribe_base_url`` set, a relayed message with exactly one recipient whose
 ``List-Unsubscribe`` offers an https URI with ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``
 gets that https URI replaced by ``BASE/u/TOKEN`` (its mailto: URIs are kept as they are). A
-one-click POST there records the opt-out (gateway.unsubscribe_endpoint), then is forwarded to the
+one-click POST there records the opt-out (gateway.ops.unsubscribe_endpoint), then is forwarded to the
 vendor's original URI.
 
 The token is sealed, not merely signed: XSalsa20-Poly1305 (PyNaCl's SecretBox, with a key derived
@@ -34,7 +34,7 @@ from gateway.checks.unsubscribe import ONE_CLICK, parse_list_unsubscribe, usable
 if TYPE_CHECKING:
     from email.message import Message
 
-    from gateway.flags import FlagKeys
+    from gateway.policy.flags import FlagKeys
 
 _MAX_HEADER = 900  # a rewritten field longer than this is left alone (RFC 5322: 998 per line)
 

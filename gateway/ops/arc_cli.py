@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-from gateway.arc import dns_record, generate_key
-from gateway.cli import audit_cli
-from gateway.config import load_config
+from gateway.message.arc import dns_record, generate_key
+from gateway.ops.cli import audit_cli
+from gateway.infra.config import load_config
 
 
 def cmd_arc_keygen(args) -> int:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 if TYPE_CHECKING:
-    from gateway.config import Config
-    from gateway.senders import Registry
+    from gateway.infra.config import Config
+    from gateway.policy.senders import Registry
 
 
 class BadInput(ValueError):
@@ -109,14 +109,14 @@ async def explain(config: Config, registry: Registry, *, message: bytes, client_
     from gateway.checks import CHECKS
     from gateway.checks.base import Deps
     from gateway.checks.pipeline import Pipeline
-    from gateway.clock import FakeClock, SystemClock
-    from gateway.dns import Resolver
+    from gateway.infra.clock import FakeClock, SystemClock
+    from gateway.infra.dns import Resolver
     from gateway.engine import Client, Engine
-    from gateway.flags import FlagKeys, FlagStore
-    from gateway.maillog import MailLog
-    from gateway.metrics import Metrics
+    from gateway.policy.flags import FlagKeys, FlagStore
+    from gateway.ops.maillog import MailLog
+    from gateway.ops.metrics import Metrics
     from gateway.state import open_store
-    from gateway.throttles import Throttles
+    from gateway.policy.throttles import Throttles
 
     try:
         ip = ipaddress.ip_address(client_ip)

@@ -19,9 +19,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway.config import Config, load_config
-from gateway.senders import Registry, load_registry
-from gateway.typed import ConfigError
+from gateway.infra.config import Config, load_config
+from gateway.policy.senders import Registry, load_registry
+from gateway.infra.typed import ConfigError
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

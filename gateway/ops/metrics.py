@@ -114,7 +114,7 @@ class Metrics:
             "gateway_large_audience_max", "Audience size of the sender's largest campaign seen "
             "within [business_hours] window (by this gateway)", ["sender"], registry=registry)
 
-        # one-click unsubscribes recorded by the gateway (gateway.unsubscribe_endpoint); the
+        # one-click unsubscribes recorded by the gateway (gateway.ops.unsubscribe_endpoint); the
         # recipients the flags left out are gateway_recipients{decision="drop"}
         self.unsubscribes = Counter(
             "gateway_unsubscribes", "One-click unsubscribe requests by outcome: recorded, "
@@ -131,7 +131,7 @@ class Metrics:
         self.trace_dropped = Counter(
             "gateway_trace_dropped", "Decision records not kept in the trace (queue full or state "
             "store unavailable); the decisions themselves are unaffected", registry=registry)
-        # reloads of gateway.toml and the sender files (gateway.reload)
+        # reloads of gateway.toml and the sender files (gateway.ops.reload)
         self.reloads = Counter(
             "gateway_config_reloads", "Reloads of gateway.toml and the sender files by result: "
             "applied, refused (invalid; the running configuration stays)", ["result"],
@@ -139,7 +139,7 @@ class Metrics:
         self.config_generation = Gauge(
             "gateway_config_generation", "Configuration generation in use for new transactions: "
             "0 at start, one more per applied reload", registry=registry)
-        # what ops watch (gateway.monitor): build, upstream health, quarantine, registrations
+        # what ops watch (gateway.ops.monitor): build, upstream health, quarantine, registrations
         self.build_info = Gauge("gateway_build_info", "Always 1; the running version in a label",
                                 ["version"], registry=registry)
         self.upstream_up = Gauge(

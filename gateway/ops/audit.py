@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-log = structlog.get_logger("gateway.audit")
+log = structlog.get_logger("gateway.ops.audit")
 
 ACTIONS = ("throttle_set", "throttle_clear", "quarantine_release", "quarantine_delete",
            "flags_import", "flags_replace", "sender_add", "sender_remove", "reload",
@@ -51,7 +51,7 @@ MIN_TOKEN = 16
 def api_tokens(config, main_token: str) -> dict[str, str]:
     """The admin API's named bearer tokens: ``[admin] token_file`` (named by its file name
     without the extension: ``admin``) and every ``NAME.token`` in ``[admin] token_dir``."""
-    from gateway.typed import ConfigError
+    from gateway.infra.typed import ConfigError
 
     tokens = {config.admin.token_file.stem: main_token}
     if config.admin.token_dir is None:

@@ -1,4 +1,4 @@
-"""The decisions of the last hour in this process, for the status page (gateway.status_page):
+"""The decisions of the last hour in this process, for the status page (gateway.ops.status_page):
 counts by sender, decision and reason in 10-second buckets, and the latest refusals.
 
 Bounded: at most ``window / BUCKET`` buckets, each keyed by (sender, decision, reason) — senders
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.clock import Clock
+    from gateway.infra.clock import Clock
     from gateway.engine.transaction import Transaction
-    from gateway.smtp.replies import Reply
+    from gateway.message.replies import Reply
 
 BUCKET = 10.0  # seconds
 

@@ -21,11 +21,11 @@ import asyncio
 import sys
 from pathlib import Path
 
-from gateway.config import Config, load_config
-from gateway.flags import (KINDS, RULES, SCOPED, FlagKeyMismatch, FlagStore, Scope, load_keys,
+from gateway.infra.config import Config, load_config
+from gateway.policy.flags import (KINDS, RULES, SCOPED, FlagKeyMismatch, FlagStore, Scope, load_keys,
                            parse_set_name, rule_of, set_name)
-from gateway.flags_csv import CSVFormatError, read_addresses, write_optouts
-from gateway.smtp.address import AddressError
+from gateway.policy.flags_csv import CSVFormatError, read_addresses, write_optouts
+from gateway.message.address import AddressError
 from gateway.state import StoreError, open_store
 
 SHOWN_BAD = 50  # bad rows listed one by one; the rest are counted
@@ -35,7 +35,7 @@ def _store(config: Config) -> FlagStore:
     if config.state.url == "memory:":
         raise SystemExit("error: [state] url is memory: - flags need a lasting store "
                          "(sqlite:PATH or redis://)")
-    from gateway.clock import SystemClock
+    from gateway.infra.clock import SystemClock
 
     return FlagStore(open_store(config.state.url, SystemClock(), config.base_dir),
                      load_keys(config))
@@ -70,7 +70,7 @@ def _scope(args, config: Config) -> Scope:
         raise SystemExit(f"error: --sender and --organization apply to "
                          f"{' and '.join(SCOPED)} only")
     if scope.kind == "sender":
-        from gateway.senders import load_registry
+        from gateway.policy.senders import load_registry
 
         registry = load_registry(config.path(config.senders.dir), config.checks,
                                  config.limits.ceiling)
@@ -137,7 +137,7 @@ def cmd_import(args) -> int:
             print(f"{len(rows.bad)} bad row(s) left out (listed above, --skip-bad)")
         return audited
 
-    from gateway.cli import audit_cli
+    from gateway.ops.cli import audit_cli
 
     return _run(config, work)
 

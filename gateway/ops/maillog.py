@@ -143,7 +143,7 @@ class MailLog:
 
     def rcpt_dropped(self, session_id: str, queue_id: str, sender: str | None, rcpt: str,
                      rule: str) -> None:
-        """A recipient accepted at RCPT but left out of the relay (gateway.flags): the audit
+        """A recipient accepted at RCPT but left out of the relay (gateway.policy.flags): the audit
         record, with the recipient hashed and the rule by its opaque name."""
         if not self.enabled:
             return

@@ -91,7 +91,7 @@ class BusinessHours:
 
     @classmethod
     def from_config(cls, cfg) -> BusinessHours:
-        """From a ``[business_hours]`` config section (gateway.config.BusinessHoursConfig)."""
+        """From a ``[business_hours]`` config section (gateway.infra.config.BusinessHoursConfig)."""
         return cls(cfg.timezone, cfg.days, cfg.start, cfg.end, cfg.holidays)
 
     def describe(self) -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from gateway.clock import Clock
-from gateway.rates import Rate
+from gateway.infra.clock import Clock
+from gateway.policy.rates import Rate
 from gateway.state import Store
 
 PREFIX = "throttle:"

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from gateway.config import CheckSettings, parse_checks, read_toml
-from gateway.passwords import check_hash_format
-from gateway.smtp.address import valid_domain
-from gateway.typed import ConfigError, build
+from gateway.infra.config import CheckSettings, parse_checks, read_toml
+from gateway.policy.passwords import check_hash_format
+from gateway.message.address import valid_domain
+from gateway.infra.typed import ConfigError, build
 
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
 _SELECTOR = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
@@ -76,7 +76,7 @@ class Sender:
             raise ConfigError(file, "id", "'global' is reserved for the gateway-wide throttle")
         for key in ("rate", "recipient_rate"):
             if getattr(self, key):
-                from gateway.rates import Rate
+                from gateway.policy.rates import Rate
 
                 try:
                     Rate.parse(getattr(self, key))
@@ -127,13 +127,13 @@ class Sender:
     @property
     def own_rate(self):
         """The sender's registered rate, or None for the policy ceiling."""
-        from gateway.rates import Rate
+        from gateway.policy.rates import Rate
 
         return Rate.parse(self.rate) if self.rate else None
 
     @property
     def own_recipient_rate(self):
-        from gateway.rates import Rate
+        from gateway.policy.rates import Rate
 
         return Rate.parse(self.recipient_rate) if self.recipient_rate else None
 

@@ -40,18 +40,18 @@ import dkim
 import structlog
 from dkim.crypto import parse_pem_private_key
 
-from gateway.dns import DnsNameError, DnsTempError
+from gateway.infra.dns import DnsNameError, DnsTempError
 from gateway.message.headers import HeaderError, split
 
 if TYPE_CHECKING:
     from gateway.checks.base import Context
-    from gateway.clock import Clock
-    from gateway.config import Config
-    from gateway.dns import Resolver
+    from gateway.infra.clock import Clock
+    from gateway.infra.config import Config
+    from gateway.infra.dns import Resolver
     from gateway.engine import Result
-    from gateway.metrics import Metrics
+    from gateway.ops.metrics import Metrics
 
-log = structlog.get_logger("gateway.arc")
+log = structlog.get_logger("gateway.message.arc")
 
 INSTANCE_LIMIT = 50  # RFC 8617 4.2.1
 # The header fields the ARC-Message-Signature covers, when present (From: always).

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from gateway.smtp.address import DomainSet
-from gateway.typed import ConfigError, build
+from gateway.message.address import DomainSet
+from gateway.infra.typed import ConfigError, build
 
 Mode = Literal["enforce", "monitor", "off"]
 
@@ -52,7 +52,7 @@ class ServerConfig:
     tls_key: Path | None = None
     require_tls: bool = False
     timeout: float = 300.0
-    event_loop: str = "asyncio"  # or "uvloop", when installed (gateway/event_loop.py)
+    event_loop: str = "asyncio"  # or "uvloop", when installed (gateway/infra/event_loop.py)
 
     def validate(self, file, prefix):
         if self.event_loop not in ("asyncio", "uvloop"):
@@ -183,7 +183,7 @@ class StateConfig:
 
 
 def _check_rate(file, key: str, text: str) -> None:
-    from gateway.rates import Rate
+    from gateway.policy.rates import Rate
 
     try:
         Rate.parse(text)
@@ -257,14 +257,14 @@ class LimitsConfig:
 
     @property
     def ceiling(self):
-        from gateway.rates import Rate
+        from gateway.policy.rates import Rate
 
         return Rate.parse(self.sender_rate)
 
     @property
     def above_policy(self) -> bool:
         """sender_rate allows more than the policy's 30 messages a minute."""
-        from gateway.rates import Rate
+        from gateway.policy.rates import Rate
 
         return self.ceiling.per_second > Rate.parse(POLICY_SENDER_RATE).per_second
 
@@ -278,7 +278,7 @@ class UniversityList:
     members: int
 
     def validate(self, file, prefix):
-        from gateway.smtp.address import AddressError, parse_mailbox
+        from gateway.message.address import AddressError, parse_mailbox
 
         try:
             parse_mailbox(self.address)
@@ -323,8 +323,8 @@ class BusinessHoursConfig:
     window: str = "7d"
 
     def validate(self, file, prefix):
-        from gateway import business_hours as bh
-        from gateway.rates import parse_duration
+        from gateway.policy import business_hours as bh
+        from gateway.policy.rates import parse_duration
 
         try:
             bh.load_zone(self.timezone)
@@ -357,7 +357,7 @@ class BusinessHoursConfig:
 
     @property
     def window_seconds(self) -> float:
-        from gateway.rates import parse_duration
+        from gateway.policy.rates import parse_duration
 
         return parse_duration(self.window)
 
@@ -398,7 +398,7 @@ class DnsConfig:
     threads: int = 4
 
     def validate(self, file, prefix):
-        from gateway.dns import parse_nameserver
+        from gateway.infra.dns import parse_nameserver
 
         for i, item in enumerate(self.nameservers):
             try:
@@ -416,7 +416,7 @@ class DnsConfig:
 
 @dataclass(frozen=True)
 class ArcConfig:
-    """ARC sealing of relayed mail (gateway.arc, RFC 8617); off while ``domain`` is empty."""
+    """ARC sealing of relayed mail (gateway.message.arc, RFC 8617); off while ``domain`` is empty."""
 
     domain: str = ""
     selector: str = ""
@@ -424,7 +424,7 @@ class ArcConfig:
     seal: Literal["changed", "always"] = "changed"
 
     def validate(self, file, prefix):
-        from gateway.smtp.address import valid_domain
+        from gateway.message.address import valid_domain
 
         if not self.domain and not self.selector:
             return
@@ -445,7 +445,7 @@ class QuarantineConfig:
 
 @dataclass(frozen=True)
 class FlagsConfig:
-    """Recipient flags and preferences (gateway.flags; policy IV.C.1.b, IV.C.4.a-b)."""
+    """Recipient flags and preferences (gateway.policy.flags; policy IV.C.1.b, IV.C.4.a-b)."""
 
     key_file: Path = Path("var/flags.key")
     subaddress_separator: str = "+"
@@ -476,7 +476,7 @@ class FlagsConfig:
 
 @dataclass(frozen=True)
 class TraceConfig:
-    """Decisions kept in the state store for `gateway trace` (gateway.trace)."""
+    """Decisions kept in the state store for `gateway trace` (gateway.ops.trace)."""
 
     days: int = 14
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-log = structlog.get_logger("gateway.monitor")
+log = structlog.get_logger("gateway.ops.monitor")
 
 MAX_REPLY_LINES = 100
 
@@ -112,12 +112,12 @@ def expiry_timestamp(expires: dt.date) -> float:
 def static_metrics(gateway) -> None:
     """Build info and registration expiries (at start and after each reload); each registered sender's recipient decisions and
     holds start at 0 (so rate() and the dashboard see a sender before its first event)."""
-    from gateway.metrics import DECISIONS
+    from gateway.ops.metrics import DECISIONS
 
     metrics = gateway.metrics
     metrics.build_info.labels(version()).set(1)
     metrics.registration_expiry.clear()  # after a reload: only the senders registered now
-    from gateway.audit import ACTIONS
+    from gateway.ops.audit import ACTIONS
 
     for action in ACTIONS:
         metrics.admin_actions.labels(action)
@@ -143,7 +143,7 @@ class Monitor:
         self.last_problem = ""
         self._task: asyncio.Task | None = None
         self._tls: ssl.SSLContext | None = None
-        from gateway.audit import AuditCounter
+        from gateway.ops.audit import AuditCounter
 
         self.audit = AuditCounter(cfg.path(cfg.logging.audit_file))
 

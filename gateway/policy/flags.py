@@ -37,11 +37,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from gateway.smtp.address import AddressError, parse_mailbox
+from gateway.message.address import AddressError, parse_mailbox
 
 if TYPE_CHECKING:
-    from gateway.config import Config
-    from gateway.senders import Sender
+    from gateway.infra.config import Config
+    from gateway.policy.senders import Sender
     from gateway.state import Store
 
 FERPA = "ferpa"
@@ -304,7 +304,7 @@ class FlagStore:
 
 def load_keys(config: Config) -> FlagKeys:
     """The flags key of ``[flags] key_file`` (created with random bytes on first use)."""
-    from gateway.maillog import load_hash_key
+    from gateway.ops.maillog import load_hash_key
 
     return FlagKeys(load_hash_key(config.path(config.flags.key_file)),
                     config.flags.subaddress_separator)

@@ -28,7 +28,7 @@ from gateway import __version__
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-    from gateway.recent import Refusal
+    from gateway.ops.recent import Refusal
 
 REALM = 'Basic realm="ecomm-gateway status", charset="UTF-8"'
 EXPIRY_SOON_DAYS = 30
@@ -243,7 +243,7 @@ class StatusPage:
     # --- one decision ---------------------------------------------------------------------
 
     async def trace(self, request: web.Request) -> web.Response:
-        """One decision: from the trace in the state store (gateway.trace), else from the
+        """One decision: from the trace in the state store (gateway.ops.trace), else from the
         recent refusals this process remembers."""
         queue_id = request.query.get("queue_id", "")
         try:

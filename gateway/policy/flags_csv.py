@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
-from gateway.flags import normalize
-from gateway.smtp.address import AddressError
+from gateway.policy.flags import normalize
+from gateway.message.address import AddressError
 
 if TYPE_CHECKING:
-    from gateway.flags import OptOutRecord
+    from gateway.policy.flags import OptOutRecord
 
 EXPORT_COLUMNS = ("address", "scope", "sender", "organization", "recorded_at", "source")
 
@@ -69,7 +69,7 @@ def _rows(reader) -> Iterator[tuple[int, list[str]]]:
 def read_addresses(fh: TextIO, column: str | None = None, delimiter: str = ",",
                    subaddress_separator: str = "+") -> Rows:
     """Read ``fh`` (opened with ``newline=""``); addresses are checked as the gateway will
-    hash them (:func:`gateway.flags.normalize`)."""
+    hash them (:func:`gateway.policy.flags.normalize`)."""
     out = Rows()
     rows = _rows(csv.reader(fh, delimiter=delimiter))
     index = None

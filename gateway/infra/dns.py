@@ -30,8 +30,8 @@ import dns.rdatatype
 import dns.resolver
 
 if TYPE_CHECKING:
-    from gateway.clock import Clock
-    from gateway.metrics import Metrics
+    from gateway.infra.clock import Clock
+    from gateway.ops.metrics import Metrics
 
 RDTYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "NS", "SOA", "SPF")
 MAX_TTL = 86400

@@ -30,13 +30,13 @@ from gateway.engine.message import message_id
 from gateway.state import StoreError
 
 if TYPE_CHECKING:
-    from gateway.clock import Clock
+    from gateway.infra.clock import Clock
     from gateway.engine.transaction import Transaction
-    from gateway.metrics import Metrics
-    from gateway.smtp.replies import Reply
+    from gateway.ops.metrics import Metrics
+    from gateway.message.replies import Reply
     from gateway.state import Store
 
-log = structlog.get_logger("gateway.trace")
+log = structlog.get_logger("gateway.ops.trace")
 
 QUEUE_MAX = 10000
 PURGE_EVERY = 3600.0
@@ -44,7 +44,7 @@ DECISIONS = ("accept", "reject", "defer", "quarantine")
 
 
 def recipient_hash(key: bytes, address: str) -> str:
-    """The keyed hash of a recipient, as the decision log writes it (gateway.maillog)."""
+    """The keyed hash of a recipient, as the decision log writes it (gateway.ops.maillog)."""
     return hmac.new(key, address.lower().encode(), hashlib.sha256).hexdigest()[:20]
 
 

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.files import fsync_dir, write_atomic
-from gateway.smtp.replies import Reply
+from gateway.infra.files import fsync_dir, write_atomic
+from gateway.message.replies import Reply
 
 if TYPE_CHECKING:
     from gateway.relay.base import Upstream

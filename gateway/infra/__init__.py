@@ -1,0 +1,1 @@
+"""Infrastructure beneath everything: typed configuration, the injectable clock, DNS, durable files."""
