@@ -117,6 +117,10 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path):
     for path, owner in expect.items():
         st = (root / path).stat()
         assert ((st.st_uid, st.st_gid), st.st_mode & 0o777) == (owner, 0o750), path
+    # the audit trail exists and is the service's before root's CLI first appends to it (else the
+    # file root creates would stop the service's check-config: "is not writable by this user")
+    st = (root / "var/lib/ecomm-gateway/audit.jsonl").stat()
+    assert ((st.st_uid, st.st_gid), st.st_mode & 0o777) == ((int(uid), int(gid)), 0o640)
 
 
 def _paths(obj, prefix=""):
