@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+SASL_REALM = "mta.test"  # myhostname: the realm of every sasldb entry
 SNIPPET = Path(__file__).resolve().parent.parent / "deploy" / "postfix" / "main.cf"
 
 MASTER_CF = """\
@@ -40,16 +41,26 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+def saslpasswd2() -> str | None:
+    """Cyrus SASL's saslpasswd2 (Debian: sasl2-bin), or None."""
+    return shutil.which("saslpasswd2") or next(
+        (c for c in ("/usr/sbin/saslpasswd2",) if Path(c).exists()), None)
+
+
 def postfix_installed() -> bool:
     return all(shutil.which(c) or Path(f"/usr/sbin/{c}").exists()
                for c in ("postfix", "postqueue", "postsuper"))
 
 
 class PostfixServer:
-    def __init__(self, workdir: Path, smtp_port: int, relay_port: int, milter: str) -> None:
+    def __init__(self, workdir: Path, smtp_port: int, relay_port: int, milter: str,
+                 sasl_users: dict[str, str] | None = None) -> None:
+        """``sasl_users`` (login: password) turns on SMTP AUTH (PLAIN, LOGIN) in smtpd,
+        checked by Cyrus SASL against a sasldb of the instance's own (needs saslpasswd2)."""
         self.dir = workdir
         self.conf = workdir / "etc"
         self.smtp_port, self.relay_port, self.milter = smtp_port, relay_port, milter
+        self.sasl_users = sasl_users
         self.log = workdir / "maillog"
 
     def main_cf(self) -> str:
@@ -88,8 +99,43 @@ class PostfixServer:
             SNIPPET.read_text(),
             "# --- the test's milter address ---",
             f"smtpd_milters = {self.milter}",
+            *self.sasl_cf(),
             "",
         ])
+
+    def sasl_cf(self) -> list[str]:
+        if self.sasl_users is None:
+            return []
+        return ["# --- the test's SMTP AUTH: Cyrus SASL, sasldb ---",
+                "smtpd_sasl_auth_enable = yes",
+                "smtpd_sasl_type = cyrus",
+                "smtpd_sasl_path = smtpd",
+                # (Debian's Postfix reads <config_directory>/sasl/smtpd.conf, whatever
+                # this says: both name the same directory)
+                f"cyrus_sasl_config_path = {self.conf / 'sasl'}",
+                # empty: Cyrus looks the login up in the realm of myhostname (SASL_REALM) and
+                # Postfix hands the bare login to the milter as {auth_authen}, which is what
+                # a sender's [auth] username is (with a realm here it would be login@realm)
+                "smtpd_sasl_local_domain =",
+                "smtpd_sasl_security_options = noanonymous",
+                # no TLS here (loopback test): plaintext mechanisms allowed
+                "smtpd_tls_auth_only = no",
+                "broken_sasl_auth_clients = no"]
+
+    def write_sasldb(self) -> None:
+        """``sasl/smtpd.conf`` and ``sasl/sasldb2`` (one entry per user in the realm),
+        readable by Postfix's group (smtpd runs as mail_owner)."""
+        sasl = self.conf / "sasl"
+        sasl.mkdir(exist_ok=True)
+        db = sasl / "sasldb2"
+        (sasl / "smtpd.conf").write_text("pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+                                         f"mech_list: PLAIN LOGIN\nsasldb_path: {db}\n")
+        for user, password in (self.sasl_users or {}).items():
+            subprocess.run([saslpasswd2() or "saslpasswd2", "-f", str(db), "-p", "-c",
+                            "-u", SASL_REALM, user], input=password.encode(), check=True,
+                           capture_output=True, timeout=30)
+        shutil.chown(db, "root", "postfix")  # root's, as postfix check wants in etc/
+        db.chmod(0o640)
 
     def start(self) -> None:
         self.conf.mkdir(parents=True, exist_ok=True)
@@ -99,6 +145,8 @@ class PostfixServer:
             (self.dir / sub).mkdir(exist_ok=True)
         shutil.chown(self.dir / "data", "postfix", "postfix")
         self.log.touch()
+        if self.sasl_users is not None:
+            self.write_sasldb()
         subprocess.run(["postfix", "-c", str(self.conf), "check"], check=True,
                        capture_output=True, timeout=60)
         subprocess.run(["postfix", "-c", str(self.conf), "start"], check=True,

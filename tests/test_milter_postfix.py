@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MESSAGE, Sink, free_port
-from tests.postfix_server import PostfixServer, postfix_installed
+from tests.postfix_server import PostfixServer, postfix_installed, saslpasswd2
 
 pytestmark = [
     pytest.mark.skipif(not postfix_installed(), reason="postfix is not installed "
@@ -79,21 +79,23 @@ def start(gateways, milter_port, mta):
 
 
 def swaks(mta, tmp_path, *, to=("alice@example.edu",), frm=FROM, data: bytes = MESSAGE,
-          server: str = "127.0.0.1") -> dict[str, str]:
+          server: str = "127.0.0.1", auth: tuple[str, str] | None = None) -> dict[str, str]:
     """Send one message through Postfix; the server's reply to each command, by command
-    (``"."`` for the end of the data; ``"RCPT <addr>"`` per recipient)."""
+    (``"."`` for the end of the data; ``"RCPT <addr>"`` per recipient; ``"AUTH"`` for the
+    SMTP AUTH exchange when ``auth`` (login, password) is given, by PLAIN)."""
     path = tmp_path / f"msg-{time.monotonic_ns()}.eml"
     path.write_bytes(data)
+    login = ["-a", "PLAIN", "-au", auth[0], "-ap", auth[1]] if auth else []
     out = subprocess.run(["swaks", "--server", server, "--port", str(mta.smtp_port),
                           "--helo", "client.test", "--from", frm, "--to", ",".join(to),
-                          "--data", str(path), "--timeout", "60"],
+                          "--data", str(path), "--timeout", "60", *login],
                          capture_output=True, text=True, timeout=120).stdout
     replies: dict[str, str] = {}
     command = "greeting"
     for line in out.splitlines():
         if line.startswith(" -> "):
             text = line[4:]
-            if text.startswith(("MAIL", "RCPT", "DATA", "QUIT", "EHLO")) or text == ".":
+            if text.startswith(("MAIL", "RCPT", "DATA", "QUIT", "EHLO", "AUTH")) or text == ".":
                 command = ("RCPT " + text.split(":", 1)[1].strip() if text.startswith("RCPT")
                            else text.split(" ", 1)[0])
         elif line[:4] in ("<-  ", "<** "):
@@ -468,3 +470,113 @@ def test_rate_hold_delays_postfix_answer_within_max_hold(start, gateways, mta, r
         assert pending.result(60)["."].startswith("250 2.0.0 Ok: queued as ")
     assert len(delivered(relay_sink, 2)) == 2
     assert gw.metric("gateway_rate_holds_total", sender="acme") == 1
+
+
+# --- SMTP AUTH at Postfix: the gateway identifies the sender by {auth_authen} ----------------
+
+SASL_LOGIN, SASL_PASSWORD = "acme-smtp", "s3cret-pass"
+INTRUDER = ("intruder", "other-pass")  # a valid SASL login at Postfix, no registered sender
+
+
+def auth_sender(networks: str = '["127.0.0.1/32", "::1/128"]') -> str:
+    """The sender authentication tests' sender, registered for SMTP AUTH as SASL_LOGIN
+    (the gateway's own password hash is for its SMTP front; Postfix checks the sasldb)."""
+    from gateway.policy.passwords import hash_password
+    from tests.auth_helpers import SENDER
+
+    body = SENDER.replace('networks = ["127.0.0.1/32", "::1/128"]', f"networks = {networks}")
+    assert body != SENDER or networks == '["127.0.0.1/32", "::1/128"]'
+    return body + (f'\n[auth]\nusername = "{SASL_LOGIN}"\n'
+                   f'password_hash = "{hash_password(SASL_PASSWORD, ln=4)}"\n')
+
+
+@pytest.fixture(scope="module")
+def sasl_postfix(relay_sink, milter_port):
+    """A second private Postfix, the same but with SMTP AUTH on (Cyrus SASL, sasldb): the
+    other tests keep a Postfix that offers no AUTH."""
+    if saslpasswd2() is None:
+        pytest.skip("saslpasswd2 is not installed (.ci/run installs sasl2-bin, "
+                    "libsasl2-modules, libsasl2-modules-db)")
+    workdir = Path(tempfile.mkdtemp(prefix="gw-postfix-sasl-"))
+    workdir.chmod(0o755)
+    server = PostfixServer(workdir, free_port(), relay_sink.port, f"inet:127.0.0.1:{milter_port}",
+                           sasl_users={SASL_LOGIN: SASL_PASSWORD, INTRUDER[0]: INTRUDER[1]})
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def sasl_mta(sasl_postfix, relay_sink):
+    sasl_postfix.delete_all()
+    relay_sink.handler.__init__()
+    return sasl_postfix
+
+
+@pytest.fixture
+def start_sasl(gateways, milter_port, knot, sasl_mta):
+    def run(sender: str):
+        toml = milter_toml(milter_port, "\n".join([
+            "[dns]", f'nameservers = ["{knot.address}"]', "timeout = 2.0", "",
+            "[checks.sender_auth]", 'mode = "enforce"', "check_helo = false", ""]))
+        return gateways.start(toml, senders={"acme": sender})
+    return run
+
+
+def test_sasl_login_identifies_the_sender_through_postfix(start_sasl, sasl_mta, relay_sink,
+                                                          tmp_path, logs):
+    from tests.auth_helpers import message, sign
+
+    gw = start_sasl(auth_sender())
+    raw = sign(message(), "rsa2048", "acme.example")
+    replies = swaks(sasl_mta, tmp_path, frm="bounce-1@pass.acme.example", data=raw,
+                    auth=(SASL_LOGIN, SASL_PASSWORD))
+    assert replies["AUTH"] == "235 2.7.0 Authentication successful"
+    assert replies["MAIL"] == "250 2.1.0 Ok"
+    assert replies["RCPT <alice@example.edu>"] == "250 2.1.5 Ok"
+    assert replies["."].startswith("250 2.0.0 Ok: queued as ")
+    [msg] = delivered(relay_sink)
+    assert (msg.mail_from, msg.rcpt_tos) == ("bounce-1@pass.acme.example", ["alice@example.edu"])
+    fields = re.sub(rb"\r\n[ \t]+", b" ", msg.content.partition(b"\r\n\r\n")[0]).split(b"\r\n")
+    assert [f.split(b":", 1)[0] for f in fields[:3]] == [
+        b"Received", b"Authentication-Results", b"DKIM-Signature"]
+    assert b" with ESMTPA id " in fields[0]  # Postfix's own: the client authenticated
+    assert fields[1].startswith(b"Authentication-Results: gw.test; spf=pass "
+                                b"smtp.mailfrom=pass.acme.example; dkim=pass (2048-bit key)")
+    assert header(msg.content, "From") == ["Acme News <news@pass.acme.example>"]
+    assert msg.content.rstrip().endswith(b"\r\n\r\nHello, world.")
+    [line] = logs.events("message")
+    assert (line["auth"], line["sender"], line["decision"], line["reason"]) == (
+        SASL_LOGIN, "acme", "accept", "relayed")
+    assert gw.metric("gateway_messages_total", sender="acme", decision="accept",
+                     reason="relayed") == 1
+
+
+def test_sasl_login_whose_sender_networks_lack_the_ip_is_refused(start_sasl, sasl_mta,
+                                                                  relay_sink, tmp_path):
+    # identity comes from the login, not the IP: the IP path would say "not a registered
+    # sender"; the AUTH path names the sender whose networks do not hold the client
+    start_sasl(auth_sender('["192.0.2.0/24"]'))
+    replies = swaks(sasl_mta, tmp_path, frm="bounce-1@pass.acme.example",
+                    auth=(SASL_LOGIN, SASL_PASSWORD))
+    assert replies["AUTH"] == "235 2.7.0 Authentication successful"
+    assert replies["MAIL"] == ("550 5.7.1 Client host [127.0.0.1] is not in the registered "
+                               "networks of sender acme")
+    assert "." not in replies
+    assert sasl_mta.queue() == [] and relay_sink.messages == []
+
+
+def test_sasl_login_that_is_no_registered_sender_is_refused(start_sasl, sasl_mta, relay_sink,
+                                                            tmp_path, logs):
+    start_sasl(auth_sender())
+    replies = swaks(sasl_mta, tmp_path, frm="bounce-1@pass.acme.example", auth=INTRUDER)
+    assert replies["AUTH"] == "235 2.7.0 Authentication successful"  # Postfix's own check
+    assert replies["MAIL"] == ("550 5.7.1 Authenticated user is not a registered sender; "
+                               "relaying denied")
+    assert "." not in replies
+    assert sasl_mta.queue() == [] and relay_sink.messages == []
+    assert len(logs.events("milter_auth_not_a_sender")) == 1
+    assert logs.events("message") == []
