@@ -10,8 +10,12 @@ import json
 import os
 import smtplib
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +64,31 @@ def pytest_runtest_makereport(item, call):
     if MISSING_COMPONENT in reason:
         report.outcome = "failed"
         report.longrepr = f"CI=true and a real component is missing: {reason}"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def serve_process(config: Path, admin_port: int, *, env: dict | None = None,
+                  timeout: float = 20, **popen) -> subprocess.Popen:
+    """``gateway serve --config CONFIG`` as a process of its own, returned once its /readyz
+    answers 200; if it exits or is not ready within ``timeout`` it is killed and the test fails
+    with what it printed. ``popen`` goes to Popen (stdout, stderr, text)."""
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            env=env if env is not None else {**os.environ, "PYTHONPATH": str(ROOT)},
+                            **popen)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:  # not listening yet, or 503 (HTTPError) while not ready
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                out, err = proc.communicate()
+                raise AssertionError(f"gateway did not start: {err or out!r}") from None
+            time.sleep(0.1)
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.policy.passwords import verify_password
-from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
+from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port, serve_process
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = [sys.executable, "-m", "gateway"]
@@ -138,20 +138,8 @@ def test_senders_add_refuses_invalid_and_writes_nothing(confdir):
 
 @pytest.fixture
 def served(confdir):
-    proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(confdir / "gateway.toml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{confdir.admin_port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"gateway did not start: {proc.communicate()[1]}")
-            time.sleep(0.1)
+    proc = serve_process(confdir / "gateway.toml", confdir.admin_port, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     yield confdir, proc
     if proc.poll() is None:
         proc.terminate()

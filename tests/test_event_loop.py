@@ -4,20 +4,15 @@ it runs on; an unknown value stops the start naming the key."""
 from __future__ import annotations
 
 import json
-import os
 import smtplib
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from gateway.infra.config import ConfigError, load_config
-from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
+from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port, serve_process
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def serve(directory: Path, event_loop: str, upstream: str) -> tuple[subprocess.Popen, int]:
@@ -41,19 +36,8 @@ level = "info"
 [checks.sender_auth]
 mode = "off"
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                             str(directory / "gateway.toml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2):
-                return proc, smtp
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(proc.communicate()[0].decode())
-            time.sleep(0.1)
+    return serve_process(directory / "gateway.toml", admin, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT), smtp
 
 
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])

@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
+from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port, serve_process
 from tests.raw_smtp import RawSMTP
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -41,20 +35,8 @@ format = "json"
 [checks.sender_auth]
 mode = "off"
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                             str(tmp_path / "gateway.toml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"gateway did not start: {proc.communicate()[1]!r}")
-            time.sleep(0.1)
+    proc = serve_process(tmp_path / "gateway.toml", admin, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     yield smtp, proc
     if proc.poll() is None:
         proc.kill()

@@ -303,11 +303,9 @@ def test_both_fronts_in_one_process_share_state_and_metrics(gateways, logs):
 def test_gateway_serve_runs_a_milter_only_gateway(tmp_path):
     import json
     import subprocess
-    import sys
-    import urllib.request
     from pathlib import Path
 
-    from tests.conftest import free_port
+    from tests.conftest import free_port, serve_process
 
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "senders").mkdir()
@@ -318,20 +316,10 @@ def test_gateway_serve_runs_a_milter_only_gateway(tmp_path):
         f'[milter]\nlisten = ["inet:127.0.0.1:{milter}"]\n'
         f'[admin]\nlisten = "127.0.0.1:{admin}"\n[senders]\ndir = "senders"\n'
         '[checks.sender_auth]\nmode = "off"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                             str(tmp_path / "gateway.toml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(root),
-                                                                    "PATH": "/usr/bin:/bin"})
+    proc = serve_process(tmp_path / "gateway.toml", admin, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-                time.sleep(0.1)
         client = MilterClient(("127.0.0.1", milter))
         client.open()
         assert isinstance(client.message(FROM, ["alice@example.edu"], MESSAGE)[-1], m.Continue)

@@ -3,21 +3,16 @@ its rate; when Redis goes away, [state] on_error decides, and they recover when 
 
 from __future__ import annotations
 
-import os
 import smtplib
 import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
 from gateway.policy.rates import Rate
-from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port
+from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port, serve_process
 from tests.test_rate_limits import WIDE, send_many, send_one
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_process(directory: Path, redis_url: str, upstream: str) -> tuple[subprocess.Popen, int]:
@@ -42,19 +37,8 @@ level = "warning"
 [checks.sender_auth]
 mode = "off"
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                             str(directory / "gateway.toml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2):
-                return proc, smtp
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(proc.communicate()[1].decode())
-            time.sleep(0.1)
+    return serve_process(directory / "gateway.toml", admin, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE), smtp
 
 
 def send_to(port: int) -> int:
