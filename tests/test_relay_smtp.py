@@ -253,3 +253,16 @@ def test_message_split_across_many_reads_is_relayed_exactly(gateways, sink):
             s.sendall(wire[i:i + 997])
         assert f.readline() == b"250 2.0.0 Ok: queued as SINK1\r\n"
     assert sink.messages[0].content.endswith(body.split(b"\r\n\r\n", 1)[1])
+
+
+def test_lines_starting_with_a_dot_arrive_as_sent(gateways, sink):
+    """The relay dot-stuffs the body itself (gateway.relay.smtp.send_data): a line that is a
+    lone dot, two dots or a dot and text arrives at campus mail exactly as the client sent it,
+    and the message is not ended early."""
+    gw = gateways.start(upstream=sink.url)
+    body = b".\r\n..\r\n.x\r\nmiddle\r\n.\r\n...\r\n"
+    client, (code, _) = send(gw, message=MESSAGE.replace(b"Hello, world.\r\n", body))
+    client.quit()
+    assert code == 250
+    [msg] = sink.messages
+    assert msg.content.partition(b"\r\n\r\n")[2] == body

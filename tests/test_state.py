@@ -176,3 +176,16 @@ async def test_peek_answers_as_acquire_would_and_purge_drops_expired_keys(any_ba
         assert await store.purge_expired() == 1
         assert await store.get("kept") == b"y" and await store.scan("trace:") == {}
     await store.close()
+
+
+async def test_set_many_writes_every_key_with_its_ttl(any_backend):
+    """set_many (the trace's batched writes) is set for each item, in one round trip."""
+    url, clock, base = any_backend
+    store = open_store(url, clock, base)
+    await store.set_many([("a", b"1", None), ("b", b"2", 10.0), ("a", b"3", None)])
+    assert await store.get("a") == b"3" and await store.get("b") == b"2"
+    if not url.startswith("redis"):  # (Redis expires keys on its own clock)
+        clock.advance(11)
+        assert await store.get("b") is None and await store.get("a") == b"3"
+    await store.set_many([])
+    await store.close()

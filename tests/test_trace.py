@@ -125,3 +125,43 @@ def test_trace_off(gateways):
     proc = trace_cmd(conf, "--sender", "acme")
     assert proc.returncode == 1
     assert proc.stderr == "the running gateway keeps no trace ([trace] days = 0)\n"
+
+
+class CountingStore:
+    """The real store, counting the trace writer's round trips (set_many calls)."""
+
+    def __init__(self, store) -> None:
+        self.store, self.batches = store, []
+
+    async def set_many(self, items):
+        self.batches.append(len(items))
+        await self.store.set_many(items)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_records_are_written_in_batches(gateways, sink, logs):
+    """Records queue up and go to the store in batches (one SQLite transaction each), not three
+    writes a message; flush() writes what is queued without waiting out the linger."""
+    admin = free_port()
+    gw = gateways.start(f'[admin]\nlisten = "127.0.0.1:{admin}"\n[state]\n'
+                        'url = "sqlite:state.sqlite3"\n[trace]\ndays = 14\n', upstream=sink.url)
+    counting = gw.gateway.trace.store = CountingStore(gw.gateway.trace.store)
+    client = gw.smtp()
+    for i in range(12):
+        assert client.mail(f"bounce-{i}@em.acme.example")[0] == 250
+        assert client.rcpt("alice@example.edu")[0] == 250
+        msg = MESSAGE.replace(b"<m1@em.acme.example>", f"<b{i}@em.acme.example>".encode())
+        assert client.data(msg)[0] == 250
+    client.quit()
+    gw.call(gw.gateway.trace.flush())
+    assert sum(counting.batches) == 12 * 3  # record, sender index, Message-ID index
+    assert len(counting.batches) < 12
+    queue_ids = [e["queue_id"] for e in logs.events("message") if e["decision"] == "accept"]
+    assert len(queue_ids) == 12 and len(sink.messages) == 12
+    conf = gateways.tmp_path / "gw" / "gateway.toml"
+    for qid in queue_ids:
+        found = trace_cmd(conf, "--queue-id", qid, "--json")
+        assert found.returncode == 0, found.stderr
+        assert json.loads(found.stdout)[0]["queue_id"] == qid

@@ -32,6 +32,31 @@ def wire_exact(content: bytes) -> bool:
             and content.endswith(b"\r\n"))
 
 
+async def send_data(client: aiosmtplib.SMTP, content: bytes):
+    """DATA and ``content`` (wire-exact, see :func:`wire_exact`) on ``client``: the reply to
+    the final dot, or SMTPResponseException for one that is not 250. ``client.data`` would
+    search the message for bare line endings twice more (regular expressions over the whole
+    body) to fix what :func:`wire_exact` has already ruled out; here the body is only
+    dot-stuffed (RFC 5321 4.5.2), with ``bytes.replace``, and written at once."""
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise SMTPResponseException(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise SMTPServerDisconnected("Connection lost")
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    protocol.write(b"." + stuffed + b".\r\n" if stuffed.startswith(b".") else
+                   stuffed + b".\r\n")
+    try:
+        response = await protocol.read_response(timeout=client.timeout)
+    except (SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    if response.code != 250:
+        raise SMTPResponseException(response.code, response.message)
+    return response
+
+
 class SMTPUpstream:
     def __init__(self, *, urls: tuple[str, ...], starttls: str, tls_context: ssl.SSLContext,
                  pool_size: int, timeout: float, idle_timeout: float, helo: str,
@@ -246,7 +271,7 @@ class SMTPTransaction:
         if not wire_exact(content):  # the DATA path refuses such messages before this
             await self.abort()
             return NOT_WIRE_EXACT
-        reply = await self._command(lambda: self.client.data(content))
+        reply = await self._command(lambda: send_data(self.client, content))
         if reply is None:
             return CONNECTION_LOST
         self._finish(reusable=reply.code != 421)

@@ -45,6 +45,10 @@ class Store(Protocol):
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None: ...
 
+    async def set_many(self, items: list[tuple[str, bytes, float | None]]) -> None:
+        """``set`` for each (key, value, ttl), in one round trip (one SQLite transaction, one
+        Redis pipeline): how the trace writes its records in batches."""
+
     async def delete(self, key: str) -> None: ...
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:

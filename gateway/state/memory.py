@@ -36,6 +36,10 @@ class MemoryStore:
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         self._data[key] = (value, None if ttl is None else self._now() + ttl)
 
+    async def set_many(self, items: list[tuple[str, bytes, float | None]]) -> None:
+        for key, value, ttl in items:
+            await self.set(key, value, ttl)
+
     async def delete(self, key: str) -> None:
         self._data.pop(key, None)
 

@@ -139,6 +139,12 @@ class RedisStore:
         px = None if ttl is None else max(1, int(ttl * 1000))
         await self._call(self.client.set(key, value, px=px))
 
+    async def set_many(self, items: list[tuple[str, bytes, float | None]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, value, ttl in items:
+            pipe.set(key, value, px=None if ttl is None else max(1, int(ttl * 1000)))
+        await self._call(pipe.execute())
+
     async def delete(self, key: str) -> None:
         await self._call(self.client.delete(key))
 

@@ -151,6 +151,22 @@ class SQLiteStore:
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         await self._run(self._set, key, value, None if ttl is None else self._now() + ttl)
 
+    def _set_many(self, rows: list[tuple[str, bytes, float | None]]) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                           rows)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    async def set_many(self, items: list[tuple[str, bytes, float | None]]) -> None:
+        now = self._now()
+        await self._run(self._set_many, [(k, v, None if ttl is None else now + ttl)
+                                         for k, v, ttl in items])
+
     async def delete(self, key: str) -> None:
         await self._run(lambda: self._conn().execute("DELETE FROM kv WHERE key = ?", (key,)))
 
