@@ -39,6 +39,15 @@ CREATE TABLE IF NOT EXISTS distinct_members (
     PRIMARY KEY (key, member)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS distinct_members_expires ON distinct_members (expires);
+-- each distinct set's row count (expired members not purged yet included), kept beside its
+-- members by every write (see _count_distinct); a set with members and no count row (a file
+-- made before this table) gets its count computed once, by the next write
+CREATE TABLE IF NOT EXISTS distinct_counts (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+) WITHOUT ROWID;
+-- the members of one set that left its window: what the kept count must discount
+CREATE INDEX IF NOT EXISTS distinct_members_key_expires ON distinct_members (key, expires);
 -- recipient flags (gateway.policy.flags): each flag's live generation of members is named in
 -- flag_sets; flag_gens allocates generations (and dates builds, so an abandoned one is found)
 CREATE TABLE IF NOT EXISTS flag_gens (
@@ -440,7 +449,26 @@ class SQLiteStore:
 
     # Members that left their window are skipped by every read and deleted in bulk at most
     # every PURGE_EVERY seconds (a delete over every key, on each message, was most of the cost).
+    # Each set's row count is kept in distinct_counts, so that a count costs a few index probes
+    # plus the set's members that expired since the last purge, whatever the audience: the live
+    # count is the kept one less those. Every write keeps it exact in its own transaction (two
+    # gateway processes on one file included): a member stored for the first time adds one, a
+    # purge subtracts what it deleted from each set; re-seeing a member, expired or not, changes
+    # no row count.
     PURGE_EVERY = 10.0
+
+    def _purge_distinct(self, db: sqlite3.Connection, now: float) -> None:
+        # (by the expires index: grouping by key would otherwise walk every member in order)
+        gone = db.execute("SELECT key, count(*) FROM distinct_members INDEXED BY "
+                          "distinct_members_expires WHERE expires <= ? GROUP BY key",
+                          (now,)).fetchall()
+        if not gone:
+            return
+        db.execute("DELETE FROM distinct_members WHERE expires <= ?", (now,))
+        db.executemany("UPDATE distinct_counts SET n = n - ? WHERE key = ?",
+                       [(n, key) for key, n in gone])
+        db.executemany("DELETE FROM distinct_counts WHERE key = ? AND n <= 0",
+                       [(key,) for key, _ in gone])
 
     def _count_distinct(self, key: str, members: list[str], window: float,
                         limit: int | None, now: float,
@@ -449,29 +477,44 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes too
         try:
             if now - self._purged >= self.PURGE_EVERY:
-                db.execute("DELETE FROM distinct_members WHERE expires <= ?", (now,))
+                self._purge_distinct(db, now)
                 self._purged = now
-            (count,) = db.execute("SELECT count(*) FROM distinct_members WHERE key = ? "
-                                  "AND expires > ?", (key, now)).fetchone()
+            row, expired = db.execute(
+                "SELECT (SELECT n FROM distinct_counts WHERE key = ?), (SELECT count(*) FROM "
+                "distinct_members WHERE key = ? AND expires <= ?)", (key, key, now)).fetchone()
+            if row is None:  # a new set (one probe), or one stored before distinct_counts
+                (rows,) = db.execute("SELECT count(*) FROM distinct_members WHERE key = ?",
+                                     (key,)).fetchone()
+                stored = rows != 0
+            else:
+                rows, stored = row, False
+            count = rows - expired
             wanted = list(dict.fromkeys(members))
-            known: set[str] = set()
+            present: dict[str, float] = {}  # this message's members stored already (live or not)
             for i in range(0, len(wanted), 500):
                 chunk = wanted[i:i + 500]
-                known.update(r[0] for r in db.execute(
-                    "SELECT member FROM distinct_members WHERE key = ? AND expires > ? AND "
-                    "member IN (%s)" % ",".join("?" * len(chunk)), (key, now, *chunk)))
-            new = [m for m in wanted if m not in known]
+                marks = ",".join("?" * len(chunk))
+                present.update(db.execute(
+                    "SELECT member, expires FROM distinct_members WHERE key = ? AND member IN "
+                    f"({marks})", (key, *chunk)))
+            known = [m for m in wanted if present.get(m, now) > now]
+            new = [m for m in wanted if present.get(m, now) <= now]  # absent, or expired
             if limit is not None:
                 new = new[:max(0, limit + 1 - count)]
             expires = now + window
             # one statement writes them all: the known ones seen again, the new ones (and any
             # that had left the window but not been purged yet) recorded
-            rows = [m for m in wanted if m in known] + new
-            for i in range(0, len(rows), 300):
-                chunk = rows[i:i + 300]
-                db.execute("INSERT OR REPLACE INTO distinct_members (key, member, expires) "
-                           "VALUES " + ",".join(["(?, ?, ?)"] * len(chunk)),
+            written = known + new
+            for i in range(0, len(written), 300):
+                chunk = written[i:i + 300]
+                db.execute("INSERT INTO distinct_members (key, member, expires) "
+                           "VALUES " + ",".join(["(?, ?, ?)"] * len(chunk)) +
+                           " ON CONFLICT (key, member) DO UPDATE SET expires = excluded.expires",
                            [v for m in chunk for v in (key, m, expires)])
+            added = sum(1 for m in new if m not in present)
+            if added or (row is None and stored):
+                db.execute("INSERT OR REPLACE INTO distinct_counts (key, n) VALUES (?, ?)",
+                           (key, rows + added))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
