@@ -143,8 +143,7 @@ class Gateway:
             for check in checks:
                 if type(check) in before:
                     check.inherit(before[type(check)])
-        pipeline = Pipeline(checks, deps,
-                            observe=lambda n, s: self.metrics.check_seconds.labels(n).observe(s))
+        pipeline = Pipeline(checks, deps, observe=self.metrics.check_observed)
         return Generation(config, registry, pipeline, number)
 
     def switch(self, generation: Generation) -> None:

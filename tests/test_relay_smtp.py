@@ -266,3 +266,21 @@ def test_lines_starting_with_a_dot_arrive_as_sent(gateways, sink):
     assert code == 250
     [msg] = sink.messages
     assert msg.content.partition(b"\r\n\r\n")[2] == body
+
+
+def test_size_and_8bitmime_are_passed_on_from_the_first_message_of_a_connection(gateways, sink):
+    """The upstream connection says EHLO before the first MAIL, so that MAIL's parameters
+    (RFC 1870 SIZE, RFC 6152 BODY=8BITMIME) follow the extensions campus mail offers even on
+    a fresh connection (also with starttls = "off", where no STARTTLS asks for EHLO first); the
+    paths go out exactly as normalized."""
+    gw = gateways.start(f'[upstream]\nurl = "{sink.url}"\nstarttls = "off"\n')
+    client = gw.smtp()
+    assert client.docmd("MAIL", f"FROM:<bounce-1@em.acme.example> SIZE={len(MESSAGE)} "
+                                "BODY=8BITMIME")[0] == 250
+    assert client.rcpt("alice@example.edu") == (250, b"2.1.5 OK")
+    assert client.data(MESSAGE)[0] == 250
+    client.quit()
+    [msg] = sink.messages
+    assert msg.mail_from == "bounce-1@em.acme.example" and msg.rcpt_tos == ["alice@example.edu"]
+    assert msg.mail_options == ["BODY=8BITMIME", f"SIZE={len(MESSAGE)}"]
+    assert sink.handler.ehlos == 1
