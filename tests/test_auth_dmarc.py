@@ -115,7 +115,8 @@ def test_result_for_each_alignment_mode_and_policy(start, sink, raw, mail_from, 
     assert dmarc_of(sink) == expected
 
 
-def test_no_record_anywhere_is_none(start, sink):
+def test_no_record_anywhere_is_none(start, sink, logs):
+    """No record: dmarc=none in the results and the count, no log line (most domains)."""
     gw = start()
     raw = sign(message(from_="news@mail.acme-mail.example"), "rsa2048", "acme-mail.example")
     assert deliver(gw, raw, "bounce-1@mail.acme-mail.example")[0] == 250
@@ -124,6 +125,9 @@ def test_no_record_anywhere_is_none(start, sink):
     [ar] = header(sink.messages[0].content, "Authentication-Results")
     assert ar.endswith("x-ecomm-alignment=pass (relaxed alignment, registered domains) "
                        "header.from=mail.acme-mail.example")
+    assert gw.metric("gateway_auth_results_total", check="dmarc", result="none",
+                     sender="acme") == 1
+    assert logs.events("dmarc_result") == []
 
 
 # --- organizational-domain discovery, sp ------------------------------------------------

@@ -147,7 +147,7 @@ class _CountingVerifier:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def verify(self, raw, opts):
+    async def verify(self, raw, opts, fields=()):
         self.calls += 1
         return [DkimResult("pass", "acme.example", "s")]
 

@@ -123,22 +123,30 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", "replace")
 
 
-def _split(raw: bytes) -> tuple[list, bytes]:
+def _split(raw: bytes, fields: tuple = ()) -> tuple[list, bytes]:
     """dkimpy's (headers, body) of the message. dkimpy's parser splits every line of the body
     to turn bare LFs into CRLFs; a message that has none (SMTP's own line ending throughout)
-    needs only its header parsed, and its body is the bytes after the blank line."""
+    needs only its header parsed, and its body is the bytes after the blank line. ``fields``:
+    the header fields already split (gateway.message.headers), used as they are when they are
+    exactly the message's header block."""
+    if fields:
+        head = b"".join(f.raw for f in fields)
+        if raw.startswith(head) and raw[len(head):len(head) + 2] == b"\r\n":
+            return [[f.name.encode("ascii"), f.value + b"\r\n"] for f in fields], \
+                raw[len(head) + 2:]
     end = raw.find(b"\r\n\r\n")
-    if end >= 0 and raw.count(b"\n") == raw.count(b"\r\n"):
+    if end > 0 and raw.count(b"\n") == raw.count(b"\r\n"):  # (at 0: no header block at all)
         headers, _ = dkim.rfc822_parse(raw[:end + 4])
         return headers, raw[end + 4:]
     return dkim.rfc822_parse(raw)
 
 
-def _prepare(raw: bytes, opts: DkimOptions) -> tuple[dkim.DKIM | None, list[_Sig], str]:
+def _prepare(raw: bytes, opts: DkimOptions, fields: tuple = ()
+             ) -> tuple[dkim.DKIM | None, list[_Sig], str]:
     """Parse the message and its signatures; decide what can be decided without a key."""
     try:
         verifier = dkim.DKIM(None, minkey=0)
-        verifier.headers, verifier.body = _split(raw)
+        verifier.headers, verifier.body = _split(raw, fields)
     except dkim.DKIMException as exc:
         return None, [], f"message could not be parsed for DKIM: {exc}"
     found = [h for h in verifier.headers if h[0].lower() == b"dkim-signature"]
@@ -271,15 +279,17 @@ class DkimVerifier:
         self._parsed: OrderedDict[tuple[str, bytes | None], _Key] = OrderedDict()
         self._parsed_max = parsed_keys
 
-    async def verify(self, raw: bytes, opts: DkimOptions) -> list[DkimResult]:
-        """One result per DKIM-Signature (the first ``max_signatures``); [] when unsigned."""
+    async def verify(self, raw: bytes, opts: DkimOptions, fields: tuple = ()
+                     ) -> list[DkimResult]:
+        """One result per DKIM-Signature (the first ``max_signatures``); [] when unsigned.
+        ``fields``: the message's header fields as gateway.message.headers split them."""
         if not has_signature(raw):
             return []
         big = len(raw) > INLINE_LIMIT
         if big:
-            verifier, sigs, error = await asyncio.to_thread(_prepare, raw, opts)
+            verifier, sigs, error = await asyncio.to_thread(_prepare, raw, opts, fields)
         else:
-            verifier, sigs, error = _prepare(raw, opts)
+            verifier, sigs, error = _prepare(raw, opts, fields)
         if verifier is None:
             return [DkimResult("permerror", reason=printable(error))]
         names = sorted({_key_name(s) for s in sigs if s.early is None})

@@ -33,7 +33,7 @@ def dkim_options(ctx: Context, deps: Deps) -> DkimOptions:
 async def verified(ctx: Context, deps: Deps, verifier: DkimVerifier) -> list[DkimResult]:
     """``ctx.dkim``, verifying ``ctx.raw`` first when no check has yet."""
     if ctx.dkim is None:
-        results = await verifier.verify(ctx.raw, dkim_options(ctx, deps))
+        results = await verifier.verify(ctx.raw, dkim_options(ctx, deps), ctx.header_fields)
         if ctx.dkim is None:
             ctx.dkim = results
     return ctx.dkim

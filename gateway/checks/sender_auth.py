@@ -16,7 +16,7 @@ authserv-id are removed. That alignment decision is reported as ``x-ecomm-alignm
 
 DMARC (:mod:`auth_dmarc`, RFC 7489) is evaluated for every message, its record looked up
 alongside SPF and DKIM, and reported as ``dmarc=<result> (p=<policy>) header.from=<domain>``,
-counted (``gateway_auth_results_total{check="dmarc"}``) and, when not ``pass``, logged
+counted (``gateway_auth_results_total{check="dmarc"}``) and, when fail or an error, logged
 (``dmarc_result``). It refuses nothing unless ``dmarc = "pass"`` (globally or in the sender's
 file): then a message that passed the checks above is still refused when DMARC does not pass
 (``550 5.7.26`` fail, ``550 5.7.1`` no record / permerror, ``451 4.7.0`` temperror; ``on_fail``
@@ -141,7 +141,7 @@ class SenderAuth(Check):
         self._count("alignment", aligned, ctx)
         dmarc = evaluate(found, author, spf_mf, signatures, self.aligner, ctx.raw)
         self._count("dmarc", dmarc.result, ctx)
-        if dmarc.result != "pass":
+        if dmarc.result not in ("pass", "none"):  # (none: no record; counted, not logged)
             log.info("dmarc_result", sender=ctx.sender.id if ctx.sender else None,
                      domain=author, result=dmarc.result, policy=dmarc.policy,
                      disposition=dmarc.disposition, reason=dmarc.reason or None)
