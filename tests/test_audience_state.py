@@ -111,6 +111,35 @@ async def test_redis_keeps_no_members_in_clear_and_expires_its_buckets(redis_url
     await store.close()
 
 
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def any_store(request, tmp_path):
+    clock = FakeClock()
+    url = {"memory": "memory:", "sqlite": "sqlite:state.sqlite3"}.get(request.param) \
+        or request.getfixturevalue("redis_server").url
+    return open_store(url, clock, tmp_path), clock, request.param
+
+
+async def test_count_distinct_and_get_is_both_calls_in_one(any_store):
+    """The audience check's per-message call: the count as count_distinct gives it, and the
+    other key's value as get gives it (absent, set, expired), on every backend."""
+    store, clock, backend = any_store
+    assert await store.count_distinct_and_get("c", ["a", "b"], WEEK, None, "total") == (2, None)
+    await store.incr("total", 40, ttl=DAY)
+    assert await store.count_distinct_and_get("c", ["b", "c"], WEEK, 10, "total") == (3, b"40")
+    assert await store.count_distinct_and_get("c", [], WEEK, None, "total") == (3, b"40")
+    assert await store.count_distinct("c", [], WEEK) == 3
+    if backend == "redis":
+        # a Redis that lost its scripts (restarted, SCRIPT FLUSH): loaded again, answered
+        await store.client.script_flush()
+        assert await store.count_distinct_and_get("c", ["d"], WEEK, None, "total") == (4, b"40")
+        assert await store.count_distinct("c", [], WEEK) == 4
+    else:  # (Redis expires keys on its own clock)
+        clock.advance(DAY)
+        assert await store.count_distinct_and_get("c", ["d"], WEEK, None, "total") == (4, None)
+    await store.close()
+
+
 # --- SQLite's kept per-set count (distinct_counts) against a brute-force reference -----------
 
 # distinct_members as main created it before distinct_counts (the file an upgrade finds)

@@ -170,17 +170,17 @@ async def measure(store: Store, campaign: Campaign, individuals: list[str],
     ``individuals`` are keyed hashes; ``lists`` maps each list's keyed hash to its member count.
     A list adds its members once per campaign and window: an atomic counter per (campaign, list)
     says which message addressed it first, and only that message adds the members to the
-    campaign's list total, so gateways sharing a store neither miss nor double a list.
+    campaign's list total, so gateways sharing a store neither miss nor double a list. The list
+    total is read in the same round trip as the count (a message addressing no new list, most
+    of them, costs the store one call).
     """
     base = f"audience:{campaign.key}"
-    count = await store.count_distinct(f"{base}:rcpt", individuals, window, limit)
-    members = None
+    count, raw = await store.count_distinct_and_get(f"{base}:rcpt", individuals, window, limit,
+                                                    f"{base}:lists")
+    members = int(raw) if raw is not None else 0
     for list_key, size in lists.items():
         if await store.incr(f"{base}:list:{list_key}", 1, ttl=window) == 1:
             members = await store.incr(f"{base}:lists", size, ttl=window)
-    if members is None:
-        raw = await store.get(f"{base}:lists")
-        members = int(raw) if raw is not None else 0
     return count, members
 
 
@@ -190,8 +190,9 @@ async def peek(store: Store, campaign: Campaign, individuals: list[str], lists: 
     distinct individuals so far plus this message's (an upper bound), and the list members so
     far plus the lists not yet counted (for ``gateway explain``)."""
     base = f"audience:{campaign.key}"
-    count = await store.count_distinct(f"{base}:rcpt", [], window)
-    members = int(await store.get(f"{base}:lists") or 0)
+    count, raw = await store.count_distinct_and_get(f"{base}:rcpt", [], window, None,
+                                                    f"{base}:lists")
+    members = int(raw or 0)
     for list_key, size in lists.items():
         if await store.get(f"{base}:list:{list_key}") is None:
             members += size

@@ -85,6 +85,12 @@ class Store(Protocol):
         ``limit``. ``members`` may be empty: the count is then only read.
         """
 
+    async def count_distinct_and_get(self, key: str, members: list[str], window: float,
+                                     limit: int | None, read: str) -> tuple[int, bytes | None]:
+        """:meth:`count_distinct`, then :meth:`get` of ``read``, in one round trip (one SQLite
+        call, one Redis pipeline): the audience check's per-message call, which reads its
+        campaign's distribution-list total with the count of its individual recipients."""
+
     # Recipient flags (gateway.policy.flags): named sets of members (keyed hashes, never addresses).
 
     async def flag_lookup(self, names: list[str], members: list[str]) -> dict[str, set[str]]:

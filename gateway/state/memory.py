@@ -152,3 +152,7 @@ class MemoryStore:
         if not seen:
             del self._distinct[key]
         return count
+
+    async def count_distinct_and_get(self, key: str, members: list[str], window: float,
+                                     limit: int | None, read: str) -> tuple[int, bytes | None]:
+        return await self.count_distinct(key, members, window, limit), self._live(read)

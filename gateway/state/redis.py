@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.infra.clock import Clock
 from gateway.state import Admission, Limit, StoreError
@@ -256,16 +256,42 @@ class RedisStore:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def count_distinct(self, key: str, members: list[str], window: float,
-                             limit: int | None = None) -> int:
-        # one HyperLogLog per bucket of window / DISTINCT_BUCKETS, named with a {hash tag} so
-        # that a Redis Cluster keeps a set's buckets in one slot (PFCOUNT needs them together)
+    def _distinct_keys(self, key: str, window: float) -> tuple[list[str], int]:
+        """The bucket keys of distinct set ``key`` (current first) and the current one's TTL in
+        milliseconds: one HyperLogLog per bucket of window / DISTINCT_BUCKETS, named with a
+        {hash tag} so that a Redis Cluster keeps a set's buckets in one slot (PFCOUNT needs
+        them together)."""
         width = window / DISTINCT_BUCKETS
         current = int(self.clock.now().timestamp() // width)
         keys = [f"{{{key}}}:{current - i}" for i in range(DISTINCT_BUCKETS + 1)]
-        ttl = math.ceil((window + 2 * width) * 1000)
+        return keys, math.ceil((window + 2 * width) * 1000)
+
+    async def count_distinct(self, key: str, members: list[str], window: float,
+                             limit: int | None = None) -> int:
+        keys, ttl = self._distinct_keys(key, window)
         count = await self._call(self._count_distinct(keys=keys, args=[ttl, *members]))
         return int(count)
+
+    async def count_distinct_and_get(self, key: str, members: list[str], window: float,
+                                     limit: int | None, read: str) -> tuple[int, bytes | None]:
+        # a pipeline, not the script: ``read`` is in another Cluster slot than the buckets
+        keys, ttl = self._distinct_keys(key, window)
+
+        async def run():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(self._count_distinct.sha, len(keys), *keys, ttl, *members)
+            pipe.get(read)
+            return await pipe.execute()
+
+        try:
+            count, value = await self._call(run())
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, NoScriptError):
+                raise
+            # the server lost its scripts (a restart, SCRIPT FLUSH): load it and run once more
+            await self._call(self.client.script_load(_COUNT_DISTINCT))
+            count, value = await self._call(run())
+        return int(count), value
 
 
 def _glob_escape(text: str) -> str:

@@ -525,3 +525,14 @@ class SQLiteStore:
                              limit: int | None = None) -> int:
         return await self._quick(self._count_distinct, key, members, window, limit,
                                  self._now())
+
+    def _count_distinct_and_get(self, key: str, members: list[str], window: float,
+                                limit: int | None, read: str, now: float,
+                                db: sqlite3.Connection | None = None) -> tuple[int, bytes | None]:
+        return (self._count_distinct(key, members, window, limit, now, db=db),
+                self._get(read, now, db=db))
+
+    async def count_distinct_and_get(self, key: str, members: list[str], window: float,
+                                     limit: int | None, read: str) -> tuple[int, bytes | None]:
+        return await self._quick(self._count_distinct_and_get, key, members, window, limit,
+                                 read, self._now())
