@@ -247,7 +247,7 @@ class Gateway:
                  upstream=self.upstream.description if self.upstream is not None else None,
                  state=self.config.state.url,
                  senders=len(self.registry), event_loop=running_loop_name())
-        if self.config.server.event_loop != running_loop_name():
+        if self.config.server.event_loop not in ("auto", running_loop_name()):
             log.warning("event_loop_unavailable", configured=self.config.server.event_loop,
                         running=running_loop_name(),
                         hint="pip install uvloop (the ecomm-gateway[uvloop] extra)")

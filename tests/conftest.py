@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import Gateway
 from gateway.infra.clock import FakeClock
 from gateway.infra.config import load_config
+from gateway.infra.event_loop import loop_factory
 from gateway.ops.maillog import configure_logging
 from gateway.policy.senders import load_registry
 
@@ -199,7 +200,10 @@ class RunningGateway:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.loop = asyncio.new_event_loop()
+        # the loop `gateway serve` runs on by default ([server] event_loop = "auto": uvloop);
+        # GATEWAY_TEST_EVENT_LOOP=asyncio runs the suite's gateways on the standard library's
+        factory, _ = loop_factory(os.environ.get("GATEWAY_TEST_EVENT_LOOP", "auto"))
+        self.loop = factory() if factory is not None else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(gateway.start())

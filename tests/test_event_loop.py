@@ -40,10 +40,11 @@ mode = "off"
                          stderr=subprocess.STDOUT), smtp
 
 
-@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop", "auto"])
 def test_serve_on_the_configured_event_loop(tmp_path, sink, event_loop):
-    if event_loop == "uvloop":
-        pytest.importorskip("uvloop", reason="uvloop is not installed (the test extra has it)")
+    """The default, "auto", is uvloop, which the gateway's dependencies install."""
+    if event_loop != "asyncio":
+        pytest.importorskip("uvloop", reason="uvloop is not installed (a dependency)")
     proc, port = serve(tmp_path / "gw", event_loop, sink.url)
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
@@ -56,7 +57,10 @@ def test_serve_on_the_configured_event_loop(tmp_path, sink, event_loop):
     assert len(sink.messages) == 1
     started = [line for line in map(json.loads, out.decode().splitlines())
                if line.get("event") == "started"]
-    assert [line["event_loop"] for line in started] == [event_loop]
+    assert [line["event_loop"] for line in started] == [
+        "uvloop" if event_loop == "auto" else event_loop]
+    assert not [line for line in map(json.loads, out.decode().splitlines())
+                if line.get("event") == "event_loop_unavailable"]
 
 
 def test_unknown_event_loop_is_refused(tmp_path):
@@ -64,4 +68,11 @@ def test_unknown_event_loop_is_refused(tmp_path):
     path.write_text('[server]\nevent_loop = "trio"\n')
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert "server.event_loop" in str(err.value) and '"asyncio" or "uvloop"' in str(err.value)
+    assert "server.event_loop" in str(err.value) and \
+        'must be "auto", "asyncio" or "uvloop"' in str(err.value)
+
+
+def test_the_default_event_loop_is_auto(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text("")
+    assert load_config(path).server.event_loop == "auto"

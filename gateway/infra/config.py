@@ -52,11 +52,12 @@ class ServerConfig:
     tls_key: Path | None = None
     require_tls: bool = False
     timeout: float = 300.0
-    event_loop: str = "asyncio"  # or "uvloop", when installed (gateway/infra/event_loop.py)
+    event_loop: str = "auto"  # "asyncio", "uvloop" or "auto" (gateway/infra/event_loop.py)
 
     def validate(self, file, prefix):
-        if self.event_loop not in ("asyncio", "uvloop"):
-            raise ConfigError(file, f"{prefix}.event_loop", 'must be "asyncio" or "uvloop"')
+        if self.event_loop not in ("auto", "asyncio", "uvloop"):
+            raise ConfigError(file, f"{prefix}.event_loop",
+                              'must be "auto", "asyncio" or "uvloop"')
         # (empty: no SMTP front; then [milter] listen must name one: see load_config)
         for i, item in enumerate(self.listen):
             _check_listen(file, f"{prefix}.listen[{i}]", item)
