@@ -2,7 +2,7 @@
 """What a message costs the gateway, against a bare aiosmtpd sink, all measured in one run.
 
     .venv-test/bin/python bench/cost.py            # the figures of issue #14, about 2 minutes
-    .venv-test/bin/python bench/cost.py -n 3000 --idle 10000 --uvloop
+    .venv-test/bin/python bench/cost.py -n 3000 --idle 10000 --event-loop asyncio
 
 One command prints:
 
@@ -294,14 +294,15 @@ def idle_rss(children: tp.Children, gateway: subprocess.Popen, port: int, count:
 
 
 def start_gateway(children, tmp: Path, name: str, sink_port: int, args, features,
-                  limits: dict, tree: Path | None = None, uvloop: bool = False,
+                  limits: dict, tree: Path | None = None, event_loop: str | None = None,
                   level: str = "info") -> tuple[subprocess.Popen, int, Path]:
     """A gateway process; ``tree``: the code of another checkout (--against) instead of this
     one's."""
     config, smtp_port, admin_port = tp.write_gateway_config(
         tmp / name, sink_port, level, args, features, "sqlite:state.sqlite3", True, limits)
-    if uvloop:
-        text = config.read_text().replace("[server]\n", '[server]\nevent_loop = "uvloop"\n', 1)
+    if event_loop:  # else the configuration's default ("auto": uvloop when installed)
+        text = config.read_text().replace("[server]\n", f'[server]\nevent_loop = "{event_loop}"\n',
+                                          1)
         config.write_text(text)
     if tree is None:
         proc = tp.start_gateway(children, config, admin_port, tmp / name / "log", None)
@@ -349,16 +350,17 @@ def run(args) -> int:
                                                        tmp / "dkim-record.txt")
         wide = {"sessions_per_ip": args.idle + 100, "sessions_total": args.idle + 100}
         relay, relay_port, _ = start_gateway(children, tmp, "relay", sink_port, args, features,
-                                             wide, uvloop=args.uvloop)
+                                             wide, event_loop=args.event_loop)
         other = None
-        if args.against or args.against_uvloop or args.against_log_level:
+        if args.against or args.against_event_loop or args.against_log_level:
             # the same load through another gateway, in every round: one lever, one run
             other, other_port, _ = start_gateway(
                 children, tmp, "against", sink_port, args, features, wide,
                 Path(args.against).resolve() if args.against else None,
-                uvloop=args.against_uvloop, level=args.against_log_level or "info")
+                event_loop=args.against_event_loop, level=args.against_log_level or "info")
         defer, defer_port, _ = start_gateway(children, tmp, "defer", sink_port, args, features,
-                                             {"sender_rate": '"1/day"'}, uvloop=args.uvloop)
+                                             {"sender_rate": '"1/day"'},
+                                             event_loop=args.event_loop)
         # one signed message through each must come out with dkim=pass; it spends the
         # deferring gateway's whole budget for the day
         tp.sanity_pass({"relay": (relay, relay_port, None), "defer": (defer, defer_port, None)},
@@ -368,7 +370,7 @@ def run(args) -> int:
             spy = tp.start_py_spy(children, relay.pid, tmp / "py-spy.txt")
         print(f"{args.n} messages a phase, {args.c} sessions, 10 KB DKIM-signed (RSA-2048), "
               f"every check on, SQLite state, info logging"
-              + (", gateway on uvloop" if args.uvloop else "")
+              + (f", gateways on {args.event_loop}" if args.event_loop else "")
               + f"; {args.rounds} round(s), {os.cpu_count()} CPUs, RLIMIT_NOFILE {nofile}",
               flush=True)
         for r in range(args.rounds):
@@ -449,7 +451,8 @@ def report(phases: dict[str, list[Phase]], idle, args) -> int:
           f"{f(r_defer, '{:.2f}')} of a relay  (target <= 0.2)")
     if "against, relayed" in phases:
         r_other = ratio("gateway, relayed", "gateway", "against, relayed", "gateway")
-        what = (args.against or "this tree") + (" on uvloop" if args.against_uvloop else "") \
+        what = (args.against or "this tree") + (
+            f" on {args.against_event_loop}" if args.against_event_loop else "") \
             + (f" at {args.against_log_level}" if args.against_log_level else "")
         print(f"  against ({what}), relayed\n                                  "
               f"{f(cpu('against, relayed', 'gateway')):>6} us   this tree's relay is "
@@ -518,14 +521,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="messages of the paced phase (default %(default)s: 15 s at 100/s); 0: skip")
     p.add_argument("--idle", type=int, default=10_000,
                    help="idle sessions for the memory figure; 0: skip (default %(default)s)")
-    p.add_argument("--uvloop", action="store_true",
-                   help='the gateways with [server] event_loop = "uvloop"')
+    p.add_argument("--event-loop", choices=["auto", "asyncio", "uvloop"],
+                   help="the gateways' [server] event_loop (default: the configuration's "
+                        'default, "auto": uvloop when installed)')
     p.add_argument("--against", metavar="TREE",
                    help="also run a relaying gateway from another checkout (e.g. `git archive "
                         "COMMIT | tar -x -C TREE`) in every round, and print this tree's CPU per "
                         "relayed message as a ratio of it: one lever measured in one run")
-    p.add_argument("--against-uvloop", action="store_true",
-                   help="the --against gateway (this tree when no --against) on uvloop")
+    p.add_argument("--against-event-loop", choices=["auto", "asyncio", "uvloop"],
+                   help="the --against gateway (this tree when no --against) on this event "
+                        "loop: --against-event-loop asyncio prices uvloop")
     p.add_argument("--against-log-level", choices=["debug", "info", "warning", "error"],
                    help="the --against gateway (this tree when no --against) at this [logging] "
                         "level: --against-log-level warning prices the decision log")
