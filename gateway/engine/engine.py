@@ -5,6 +5,7 @@ decision log and metrics for all of it. Fronts call it; it never talks to a clie
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ class Engine:
         self.maillog = maillog
         self.metrics = metrics
         self.decisions = Decisions(maillog, metrics)
+        self._date: tuple[object, str] = (None, "")  # the Received field's date, this second
 
     # What new transactions are decided under; a transaction keeps its own (``txn.gen``).
     @property
@@ -152,8 +154,8 @@ class Engine:
 
     # --- end of message -------------------------------------------------------------------
 
-    async def parse(self, content: bytes):
-        return await message.parse(content)
+    async def parse(self, content: bytes, fields: tuple = ()):
+        return await message.parse(content, fields)
 
     async def admit(self, content: bytes, gen: Generation | None = None):
         """The canonical message or its refusal (gateway.message.intake), under ``gen`` (the
@@ -181,7 +183,7 @@ class Engine:
             ctx.header_fields = admitted.fields
             try:
                 if gen.pipeline.needs_message(Stage.DATA, ctx):
-                    ctx.message = await self.parse(content)
+                    ctx.message = await self.parse(content, admitted.fields)
             except RecursionError:  # pathological nesting: the stdlib parser recurses per level
                 outcome.verdict = reject(550, "5.6.0", "Message structure is nested too deeply "
                                          "to be parsed; flatten it", "mime_unparsable")
@@ -217,7 +219,10 @@ class Engine:
     def received(self, txn: Transaction) -> bytes:
         """The gateway's Received field for a front that is a hop of its own."""
         hostname = (txn.gen or self.generation).hostname
-        return message.received(txn.ctx, hostname, txn.queue_id, self.clock.now())
+        now = self.clock.now().replace(microsecond=0)
+        if self._date[0] != now:  # formatted once a second, not once a message
+            self._date = (now, email.utils.format_datetime(now))
+        return message.received(txn.ctx, hostname, txn.queue_id, self._date[1])
 
     def finish(self, txn: Transaction, action: str, reason: str, reply: Reply | None, *,
                decided_by: str | None) -> None:

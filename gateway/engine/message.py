@@ -11,36 +11,57 @@ from email.parser import BytesParser
 from email.policy import compat32
 
 from gateway.checks.base import Context
+from gateway.message.headers import Field
 
 _PARSER = BytesParser(policy=compat32)  # parsed once per message, shared by every check
 PARSE_INLINE_MAX = 256 * 1024  # larger messages are parsed off the event loop
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 
 
-async def parse(content: bytes) -> Message:
+async def parse(content: bytes, fields: tuple[Field, ...] = ()) -> Message:
     """Parse once for every check; a big message is parsed in a worker thread so that the
     event loop is never held for long (about 2 ms of CPU per 100 KB)."""
     if len(content) <= PARSE_INLINE_MAX:
-        return parse_now(content)
-    return await asyncio.to_thread(parse_now, content)
+        return parse_now(content, fields)
+    return await asyncio.to_thread(parse_now, content, fields)
 
 
-def parse_now(content: bytes) -> Message:
+def parse_now(content: bytes, fields: tuple[Field, ...] = ()) -> Message:
     """The stdlib's parse of ``content``, the same tree (tests/test_message_parse.py), at less
     cost: a message that is neither multipart nor message/* has its whole body as its payload,
     which the stdlib parser gets by splitting the body into lines and joining them again (most
     of the parse). Such a message's header block is parsed alone and its body set as the
-    payload, decoded as the parser decodes it."""
+    payload, decoded as the parser decodes it. ``fields``: the header block as
+    gateway.message.headers split it (every line a field or a fold), used when it is exactly
+    ``content``'s: then no line of it is parsed again."""
     end = content.find(b"\r\n\r\n")
     if end < 0 or content.startswith(b"\r\n"):
         return _PARSER.parsebytes(content)
-    head = _PARSER.parsebytes(content[:end + 4])
+    head = _from_fields(content, end, fields) if fields else None
+    if head is None:
+        head = _PARSER.parsebytes(content[:end + 4])
     # (a payload already: the parser saw the body begin before the blank line)
     if head.defects or head.get_payload() or head.get_content_maintype() in ("multipart",
                                                                             "message"):
         return _PARSER.parsebytes(content)
     head.set_payload(content[end + 4:].decode("ascii", "surrogateescape"))
     return head
+
+
+def _from_fields(content: bytes, end: int, fields: tuple[Field, ...]) -> Message | None:
+    """The header-only Message the stdlib parser makes of ``content[:end + 4]``, built from the
+    split fields (compat32's header_source_parse: the value after the colon, leading blanks of
+    its first line and the final line break dropped, folds kept), or None when the fields are
+    not exactly that block."""
+    if sum(len(f.name) + len(f.value) + 3 for f in fields) != end + 2 or \
+            b"".join(f.raw for f in fields) != content[:end + 2]:
+        return None
+    msg = Message(policy=compat32)
+    for f in fields:
+        msg.set_raw(f.name, f.value.decode("ascii", "surrogateescape").lstrip(" \t")
+                    .rstrip("\r\n"))
+    msg.set_payload("")
+    return msg
 
 
 def message_id(ctx: Context) -> str:
@@ -56,11 +77,12 @@ def message_id(ctx: Context) -> str:
     return m.group(1).decode("utf-8", "replace").strip()[:200] if m else ""
 
 
-def received(ctx: Context, hostname: str, queue_id: str, now: datetime) -> bytes:
-    """The gateway's Received field, when it is a hop of its own (the SMTP front)."""
+def received(ctx: Context, hostname: str, queue_id: str, now: datetime | str) -> bytes:
+    """The gateway's Received field, when it is a hop of its own (the SMTP front); ``now``, or
+    its RFC 5322 date-time already formatted."""
     proto = "ESMTP" + ("S" if ctx.tls else "") + ("A" if ctx.auth_user else "")
     only = f"\r\n\tfor <{ctx.recipients[0]}>" if len(ctx.recipients) == 1 else ""
-    date = email.utils.format_datetime(now)
+    date = now if isinstance(now, str) else email.utils.format_datetime(now)
     # the client's HELO name goes into a field of the gateway's own: printable ASCII only (a
     # NUL, an escape or an 8-bit byte from the client would be the gateway's to answer for)
     helo = "".join(c if "!" <= c <= "~" else "?" for c in (ctx.helo or "unknown")[:255])

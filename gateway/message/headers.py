@@ -151,16 +151,19 @@ def split(raw: bytes) -> HeaderBlock:
             _line_problem(head, "its last line")
             raise HeaderError("The header block does not end with CRLF", "header_bad_line")
     lines = head[:-2].split(CRLF) if head else []
+    # one look at the whole block for bare CR/LF and NUL; line by line only to name the line
+    pairs = head.count(CRLF)
+    clean = head.count(b"\r") == pairs == head.count(b"\n") and b"\0" not in head
     fields: list[tuple[bytes, list[bytes]]] = []
     for number, line in enumerate(lines, 1):
-        where = f"line {number}"
-        _line_problem(line, where)
+        if not clean:
+            _line_problem(line, f"line {number}")
         if line[:1] in (b" ", b"\t"):
             if not fields:
                 raise HeaderError("The header block starts with a continuation line",
                                   "header_bad_line")
             if not line.strip(b" \t"):
-                raise HeaderError(f"A continuation line ({where}) holds only white space",
+                raise HeaderError(f"A continuation line (line {number}) holds only white space",
                                   "header_blank_continuation")
             fields[-1][1].append(line)
             continue
@@ -169,10 +172,10 @@ def split(raw: bytes) -> HeaderBlock:
             if _OBS_FIELD.match(line):
                 raise HeaderError(f'White space between the field name '
                                   f'"{_shown(line.split(b":")[0].strip())}" and its colon '
-                                  f"({where}; obsolete syntax that readers disagree on)",
+                                  f"(line {number}; obsolete syntax that readers disagree on)",
                                   "header_space_before_colon")
-            raise HeaderError(f"A line in the header block is not a header field ({where})",
-                              "header_bad_line")
+            raise HeaderError(f"A line in the header block is not a header field (line "
+                              f"{number})", "header_bad_line")
         fields.append((m.group(1), [line[m.end():]]))
     return HeaderBlock(tuple(Field(name.decode("ascii"), CRLF.join(parts))
                              for name, parts in fields), body, separated)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.checks.auth_results import claims
+from gateway.checks.auth_results import HEADER, claims
 from gateway.checks.base import Verdict, reject
 from gateway.message.headers import (Field, HeaderBlock, HeaderError, check_body, check_unique,
                                      count, split)
@@ -56,7 +56,10 @@ def admit(content: bytes, *, hostname: str, max_received: int) -> Admitted | Ver
     problem = loop_problem(block.fields, max_received)
     if problem is not None:
         return refusal(problem)
-    kept = without(block, [claims(hostname)])
+    # (a field's unfolded value is made only for an Authentication-Results field)
+    ar = HEADER.lower()
+    kept = without(block, [claims(hostname)]) if any(f.name.lower() == ar
+                                                     for f in block.fields) else block
     if kept is block:
         return Admitted(content, block.fields)
     return Admitted(kept.assemble(), kept.fields)

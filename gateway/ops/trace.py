@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.ops.trace")
 
 QUEUE_MAX = 10000
-BATCH_MAX = 500  # records a store round trip
+BATCH_MAX = 200  # records a store round trip (SQLite: one transaction on the event loop)
 LINGER = 0.25  # seconds the writer waits for more records before writing a batch
 PURGE_EVERY = 3600.0
 DECISIONS = ("accept", "reject", "defer", "quarantine")

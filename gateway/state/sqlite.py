@@ -3,7 +3,7 @@
 SQLite calls can block (on another writer's lock, on a sync to disk), so they run on one
 dedicated worker thread that owns its connection, and the event loop only awaits it. The
 per-message calls (rate admission and its look at MAIL, flag look-up, the audience count and
-a key read) are the exception: they run on the loop's own connection when they cannot wait on
+a key read, the trace's batched writes) are the exception: they run on the loop's own connection when they cannot wait on
 anything (see ``_quick``), since the hop to the thread costs more than they do.
 """
 
@@ -160,8 +160,9 @@ class SQLiteStore:
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         await self._run(self._set, key, value, None if ttl is None else self._now() + ttl)
 
-    def _set_many(self, rows: list[tuple[str, bytes, float | None]]) -> None:
-        db = self._conn()
+    def _set_many(self, rows: list[tuple[str, bytes, float | None]],
+                  db: sqlite3.Connection | None = None) -> None:
+        db = db or self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
@@ -172,9 +173,11 @@ class SQLiteStore:
         db.execute("COMMIT")
 
     async def set_many(self, items: list[tuple[str, bytes, float | None]]) -> None:
+        # on the loop's connection like the per-message decisions (see _quick): a batch from
+        # the worker thread held the write lock while they ran, and sent them to the thread too
         now = self._now()
-        await self._run(self._set_many, [(k, v, None if ttl is None else now + ttl)
-                                         for k, v, ttl in items])
+        await self._quick(self._set_many, [(k, v, None if ttl is None else now + ttl)
+                                           for k, v, ttl in items])
 
     async def delete(self, key: str) -> None:
         await self._run(lambda: self._conn().execute("DELETE FROM kv WHERE key = ?", (key,)))
