@@ -256,8 +256,22 @@ def _verify(verifier: dkim.DKIM, sig: _Sig, key: _Key, opts: DkimOptions) -> Dki
 
 def _verify_all(verifier: dkim.DKIM, sigs: list[_Sig], keys: dict[str, _Key],
                 opts: DkimOptions) -> list[DkimResult]:
-    return [sig.early if sig.early is not None
-            else _verify(verifier, sig, keys[_key_name(sig)], opts) for sig in sigs]
+    # dkimpy canonicalizes every header field of the message and then picks the signed ones;
+    # each signature is shown only the fields its h= names (in their order, so it picks the
+    # same ones: each field is canonicalized on its own), which hashes the same bytes
+    every = verifier.headers
+    results = []
+    try:
+        for sig in sigs:
+            if sig.early is not None:
+                results.append(sig.early)
+                continue
+            named = {h.strip().lower() for h in sig.tags[b"h"].split(b":")}
+            verifier.headers = [h for h in every if h[0].lower() in named]
+            results.append(_verify(verifier, sig, keys[_key_name(sig)], opts))
+    finally:
+        verifier.headers = every
+    return results
 
 
 def _key_name(sig: _Sig) -> str:
