@@ -250,7 +250,8 @@ class Gateway:
         if self.config.server.event_loop not in ("auto", running_loop_name()):
             log.warning("event_loop_unavailable", configured=self.config.server.event_loop,
                         running=running_loop_name(),
-                        hint="pip install uvloop (the ecomm-gateway[uvloop] extra)")
+                        hint="pip install uvloop (a dependency of ecomm-gateway on Linux "
+                             "and macOS)")
 
     async def readiness_problems(self) -> list[str]:
         problems = []

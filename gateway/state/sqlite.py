@@ -3,8 +3,9 @@
 SQLite calls can block (on another writer's lock, on a sync to disk), so they run on one
 dedicated worker thread that owns its connection, and the event loop only awaits it. The
 per-message calls (rate admission and its look at MAIL, flag look-up, the audience count and
-a key read, the trace's batched writes) are the exception: they run on the loop's own connection when they cannot wait on
-anything (see ``_quick``), since the hop to the thread costs more than they do.
+a key read, the trace's batched writes) are the exception: they run on the loop's own
+connection when they cannot wait on anything (see ``_quick``), since the hop to the thread
+costs more than they do.
 """
 
 from __future__ import annotations
