@@ -142,3 +142,30 @@ def test_cli_throttle_says_which_os_user(gateways):
     (event,) = events(conf)
     assert (event["action"], event["actor"], event["os_user"]) == (
         "throttle_set", "token:admin", ME.removeprefix("os:"))
+
+
+def test_audit_counter_counts_each_line_once_when_read_from_several_threads(tmp_path):
+    """The monitor reads the trail in a worker thread; two rounds at once (its own and
+    another caller's) must not count the same lines twice."""
+    import threading
+
+    from gateway.ops.audit import AuditCounter
+
+    path = tmp_path / "audit.jsonl"
+    line = json.dumps({"event": "audit", "action": "sender_add", "sender": "x" * 200}) + "\n"
+    path.write_text(line * 50_000)
+    counter = AuditCounter(path)
+    totals, start = [], threading.Barrier(4)
+
+    def read() -> None:
+        start.wait()
+        totals.append(counter.read_new()["sender_add"])
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(totals) == 50_000 and sorted(totals)[-1] == 50_000
+    path.write_text(line * 50_000 + line)  # (appended: only the new line is counted)
+    assert counter.read_new()["sender_add"] == 1

@@ -17,6 +17,7 @@ import json
 import os
 import pwd
 import re
+import threading
 from collections import Counter as Tally
 from pathlib import Path
 
@@ -103,8 +104,15 @@ class AuditCounter:
         self.path = path
         self.offset = 0
         self.inode: int | None = None
+        # read_new runs in worker threads: two at once (the monitor's round and another
+        # caller's) would both read from the same offset and count those lines twice
+        self._lock = threading.Lock()
 
     def read_new(self) -> Tally:
+        with self._lock:
+            return self._read_new()
+
+    def _read_new(self) -> Tally:
         counts: Tally = Tally()
         try:
             with open(self.path, "rb") as fh:
