@@ -76,3 +76,38 @@ def test_over_the_size_limit_is_read_to_its_end_and_refused(body, limit):
         assert content == expected
     else:
         assert content is None
+
+
+class CountingReader(asyncio.StreamReader):
+    reads = 0
+
+    async def readexactly(self, n):
+        self.reads += 1
+        return await super().readexactly(n)
+
+    async def readuntil(self, separator=b"\n"):
+        self.reads += 1
+        return await super().readuntil(separator)
+
+
+def test_a_run_of_line_breaks_is_not_read_byte_by_byte():
+    """A body of empty lines keeps the reader where a terminator may have begun; it then
+    reads the bytes that could finish one (3 or 4), never one at a time, so such a body costs
+    an abusive client's session no more reads than a body of "." lines did before."""
+    body = b"\r\n" * 20_000
+
+    async def main():
+        reader = CountingReader(limit=1001)
+        reader.feed_data(body + b".\r\nQUIT\r\n")
+        reader.feed_eof()
+        fake = SimpleNamespace(_reader=reader, data_size_limit=None)
+        saved, server.DATA_WINDOW = server.DATA_WINDOW, 64
+        try:
+            content = await GatewaySMTP._read_data(fake)
+        finally:
+            server.DATA_WINDOW = saved
+        return content, reader.reads, await reader.read()
+
+    content, reads, rest = asyncio.run(main())
+    assert content == body and rest == b"QUIT\r\n"
+    assert reads <= len(body) // 3

@@ -53,8 +53,7 @@ def _from_fields(content: bytes, end: int, fields: tuple[Field, ...]) -> Message
     split fields (compat32's header_source_parse: the value after the colon, leading blanks of
     its first line and the final line break dropped, folds kept), or None when the fields are
     not exactly that block."""
-    if sum(len(f.name) + len(f.value) + 3 for f in fields) != end + 2 or \
-            b"".join(f.raw for f in fields) != content[:end + 2]:
+    if b"".join(f.raw for f in fields) != content[:end + 2]:
         return None
     msg = Message(policy=compat32)
     for f in fields:

@@ -113,12 +113,9 @@ class TraceStore:
             rows.append((f"trace:m:{message_id_key(rec['message_id'])}:{qid}", b"", ttl))
         return rows
 
-    async def put(self, rec: dict) -> None:
-        await self.store.set_many(self._rows(rec))
-
     async def _writer(self) -> None:
-        # Records are written in batches, one store round trip (one SQLite transaction on its
-        # worker thread, one Redis pipeline) for all that queued up meanwhile: a write per
+        # Records are written in batches, one store round trip (one SQLite transaction, one
+        # Redis pipeline) for all that queued up meanwhile: a write per
         # record cost a fifth of the gateway's CPU per message (bench/cost.py). After the
         # first record the writer lingers up to LINGER seconds (event-loop time: a batching
         # delay, not policy time) unless flush() or a full batch cuts it short.

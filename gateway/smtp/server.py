@@ -27,9 +27,17 @@ DATA_WINDOW = 256 * 1024  # bytes scanned (and buffered) per read while receivin
 IDLE_IN_TRANSACTION = b"421 4.4.2 Idle too long in a mail transaction; closing connection\r\n"
 
 
-def _partial_end(tail: bytes) -> bool:
-    """Whether ``tail`` ends with the start of a <CRLF>.<CRLF> that the next bytes may finish."""
-    return tail.endswith((b"\r", b"\r\n", b"\r\n.", b"\r\n.\r"))
+TERMINATOR = b"\r\n.\r\n"
+
+
+def _still_needed(tail: bytes) -> int:
+    """How many more bytes could at the soonest finish a <CRLF>.<CRLF> that ``tail`` ends with
+    the start of (0: none begun). Reading that many never reads past the message's end: a
+    terminator that starts later needs more."""
+    for k in (4, 3, 2, 1):
+        if tail.endswith(TERMINATOR[:k]):
+            return len(TERMINATOR) - k
+    return 0
 
 
 class GatewaySMTP(SMTP):
@@ -152,8 +160,8 @@ class GatewaySMTP(SMTP):
     # fifth of the gateway's CPU per message. This reads it in one search for the terminating
     # <CRLF>.<CRLF> (exactly that: a bare-LF "dot" never ends the message, so SMTP smuggling
     # cannot split one message into two) per window, then un-stuffs it in one pass. Only where
-    # a read ends inside a possible terminator (at the start, after a full window) are the next
-    # few bytes read one by one.
+    # a read ends inside a possible terminator (at the start, after a full window) are the few
+    # bytes that could finish it read on their own.
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
@@ -191,12 +199,12 @@ class GatewaySMTP(SMTP):
         saved, reader._limit = reader._limit, DATA_WINDOW  # see the comment above
         try:
             while True:
-                partial = _partial_end(tail)
-                if partial:  # the terminator may have begun: one byte at a time, to its end
-                    piece = await reader.readexactly(1)
+                needed = _still_needed(tail)
+                if needed:  # the terminator may have begun: only the bytes that could end it
+                    piece = await reader.readexactly(needed)
                 else:  # it lies wholly ahead: one search for it
                     try:
-                        piece = await reader.readuntil(b"\r\n.\r\n")
+                        piece = await reader.readuntil(TERMINATOR)
                     except asyncio.LimitOverrunError as exc:  # not in the window yet
                         piece = await reader.readexactly(exc.consumed)
                 size += len(piece)
@@ -207,7 +215,7 @@ class GatewaySMTP(SMTP):
                     else:
                         parts.append(piece)
                 tail = (tail + piece)[-5:]
-                if tail.endswith(b"\r\n.\r\n"):
+                if tail.endswith(TERMINATOR):
                     break
         finally:
             reader._limit = saved
