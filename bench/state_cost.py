@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""What a relayed message's SQLite state calls cost, this tree against an older one, in one run
+(issue #14: fewer pages dirtied a transaction).
+
+    .venv-test/bin/python bench/state_cost.py                  # about half a minute
+    .venv-test/bin/python bench/state_cost.py --before TREE    # another checkout as "before"
+    .venv-test/bin/python bench/state_cost.py -n 2000 --rounds 5 --recipients 10
+
+Per relayed message the SMTP front makes, on the event loop's own SQLite connection, the rate
+look at MAIL (``Store.peek``), the audience update (``Store.count_distinct_and_get``) and the
+rate admission (``Store.acquire``). Each tree (this one, and "before": by default the parent of
+the commit that introduced the schema's ``user_version`` migrations, extracted with
+``git archive`` to a temporary directory) runs in its own process, on its own database file
+(WAL, as the gateway opens it), through the real ``SQLiteStore`` methods with a fake clock that
+advances 5 ms a message (200 messages a second):
+
+* set-up: 300 other senders' rate keys and 300 other campaigns of 100 members each, then one
+  warm-up round;
+* each message: ``peek`` and ``acquire`` with two limits (the sender's, a 1 s window, and its
+  recipients', a 60 s window costing ``--recipients``; both too high to bind), then
+  ``count_distinct_and_get`` of ``--recipients`` recipients for the campaign, in one of two
+  audiences: ``cycle`` (as bench/cost.py sends: one campaign, recipients taken in turn from
+  1,000, so each is seen again) or ``fresh`` (a campaign's every recipient new);
+* reports process CPU time (``time.process_time``: every thread, so the worker's checkpoints
+  too) per call, median over ``--rounds`` rounds of ``-n`` messages, and the write-ahead-log
+  frames (pages) each write call appends, counted in an untimed round.
+
+It prints both trees' figures and the ratios after / before. No network, no gateway: the
+store alone. Exit status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+WEEK = 7 * 86400.0
+CALLS = ("peek", "acquire", "audience")
+
+
+def measure(args) -> int:
+    """Runs in the child: the store of ``--tree``, one JSON line of figures."""
+    sys.path.insert(0, str(Path(args.tree).resolve()))
+    import gateway
+    from gateway.infra.clock import FakeClock
+    from gateway.state import Limit
+    from gateway.state.sqlite import SQLiteStore
+
+    if not Path(gateway.__file__).resolve().is_relative_to(Path(args.tree).resolve()):
+        sys.exit(f"imported {gateway.__file__}, not the tree {args.tree}")
+    db_path = Path(args.db)
+    wal = Path(str(db_path) + "-wal")
+
+    async def main() -> dict:
+        clock = FakeClock()
+        store = SQLiteStore(db_path, clock)
+
+        def now() -> float:
+            return clock.now().timestamp()
+
+        def limits(sender: str) -> list[Limit]:
+            return [Limit(f"rate:{sender}:1", 10**6, 1.0),
+                    Limit(f"rcpt:{sender}:60", 10**6, 60.0, args.recipients)]
+
+        for i in range(300):  # the other senders' and campaigns' rows around ours
+            await store.acquire(limits(f"s{i:03d}"), now(), "t")
+            await store.count_distinct(f"audience:c{i:03d}:rcpt",
+                                       [f"c{i:03d}-{j:06d}" for j in range(100)], WEEK)
+        ours = limits("bench")
+        seq = 0
+
+        def recipients() -> list[str]:
+            nonlocal seq
+            out = []
+            for _ in range(args.recipients):
+                seq += 1
+                out.append(f"student{seq % 1000:06d}" if args.audience == "cycle"
+                           else f"fresh{seq:09d}")
+            return out
+
+        async def message(timed: dict[str, float] | None, frames: dict[str, int] | None):
+            members = recipients()
+            calls = (
+                ("peek", lambda: store.peek(ours, now())),
+                ("acquire", lambda: store.acquire(ours, now(), "t")),
+                ("audience", lambda: store.count_distinct_and_get(
+                    "audience:bench:rcpt", members, WEEK, 15000, "audience:bench:lists")),
+            )
+            for name, call in calls:
+                if frames is not None:
+                    before = wal.stat().st_size if wal.exists() else 0
+                    await call()
+                    after = wal.stat().st_size
+                    frames[name] += (after - before - (32 if before == 0 else 0)) \
+                        // (page_size + 24)
+                    continue
+                started = time.process_time()
+                await call()
+                timed[name] += time.process_time() - started
+            clock.advance(0.005)
+
+        for _ in range(args.n):  # warm-up: the windows fill, the campaign grows
+            await message({c: 0.0 for c in CALLS}, None)
+        rounds: dict[str, list[float]] = {c: [] for c in CALLS}
+        for _ in range(args.rounds):
+            timed = {c: 0.0 for c in CALLS}
+            for _ in range(args.n):
+                await message(timed, None)
+            for c in CALLS:
+                rounds[c].append(timed[c] / args.n * 1e6)
+        # the pages: no checkpoint in this round, so the log only grows
+        page_size = store._conn().execute("PRAGMA page_size").fetchone()[0]
+        store._conn().execute("PRAGMA wal_autocheckpoint=0")
+        store.CHECKPOINT_EVERY = 10**12
+        await asyncio.sleep(0)
+        frames = {c: 0 for c in CALLS}
+        for _ in range(args.n):
+            await message(None, frames)
+        await store.close()
+        return {"us": {c: statistics.median(v) for c, v in rounds.items()},
+                "frames": {c: frames[c] / args.n for c in CALLS}}
+
+    print(json.dumps(asyncio.run(main())))
+    return 0
+
+
+def before_commit() -> str:
+    """The parent of the commit that introduced the schema's user_version migrations."""
+    found = subprocess.run(
+        ["git", "-C", str(HERE), "log", "--reverse", "--format=%H", "-S", "user_version",
+         "--", "gateway/state/sqlite.py"], capture_output=True, text=True, check=True).stdout
+    if not found.split():
+        return "HEAD"  # nothing changed yet: the tree against its own commit
+    return found.split()[0] + "^"
+
+
+def tree_of(spec: str, tmp: Path) -> Path:
+    """A directory holding the tree ``spec``: itself if it is a directory, else a git rev
+    extracted with git archive."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    out = tmp / "before"
+    out.mkdir()
+    archive = subprocess.run(["git", "-C", str(HERE), "archive", spec, "gateway"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def run(args) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="state-cost-"))
+    try:
+        spec = args.before or before_commit()
+        trees = {"before": tree_of(spec, tmp), "after": HERE}
+        figures: dict[str, dict] = {}
+        for name, tree in trees.items():
+            cmd = [sys.executable, __file__, "_measure", "--tree", str(tree),
+                   "--db", str(tmp / f"{name}.sqlite3"), "-n", str(args.n),
+                   "--rounds", str(args.rounds), "--recipients", str(args.recipients),
+                   "--audience", args.audience]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False,
+                                  env={**os.environ, "PYTHONPATH": ""})
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr)
+                return 2
+            figures[name] = json.loads(done.stdout.splitlines()[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"SQLite state calls a message ({args.recipients} recipient(s), audience "
+          f"{args.audience}): CPU per call, median of {args.rounds} rounds of {args.n}, and "
+          f"WAL frames a call; before = {spec}")
+    print(f"{'':16}" + "".join(f"{c:>14}" for c in CALLS) + f"{'total':>14}")
+    for name in ("before", "after"):
+        us = figures[name]["us"]
+        print(f"{name + ' us':16}" + "".join(f"{us[c]:>14.1f}" for c in CALLS)
+              + f"{sum(us.values()):>14.1f}")
+    for name in ("before", "after"):
+        fr = figures[name]["frames"]
+        print(f"{name + ' frames':16}" + "".join(f"{fr[c]:>14.2f}" for c in CALLS)
+              + f"{sum(fr.values()):>14.2f}")
+    b, a = figures["before"]["us"], figures["after"]["us"]
+    print(f"{'after / before':16}" + "".join(f"{a[c] / b[c]:>13.3f}x" for c in CALLS)
+          + f"{sum(a.values()) / sum(b.values()):>13.3f}x")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", type=int, default=2000, help="messages a round (%(default)s)")
+    common.add_argument("--rounds", type=int, default=3, help="rounds (%(default)s)")
+    common.add_argument("--recipients", type=int, default=1,
+                        help="recipients a message: the audience update's members and the "
+                             "recipient limit's cost (%(default)s)")
+    common.add_argument("--audience", choices=("cycle", "fresh"), default="cycle",
+                        help="recipients seen again in turn from 1,000 (bench/cost.py's), "
+                             "or each new (%(default)s)")
+    if argv[:1] == ["_measure"]:
+        p = argparse.ArgumentParser(prog="state_cost.py _measure", parents=[common])
+        p.add_argument("--tree", required=True)
+        p.add_argument("--db", required=True)
+        return measure(p.parse_args(argv[1:]))
+    p = argparse.ArgumentParser(description=__doc__, parents=[common],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", metavar="TREE|REV",
+                   help="the 'before' code: a checkout's directory or a git revision (default: "
+                        "the parent of the commit that introduced user_version migrations)")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
