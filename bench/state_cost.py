@@ -20,12 +20,15 @@ advances 5 ms a message (200 messages a second):
   recipients', a 60 s window costing ``--recipients``; both too high to bind), then
   ``count_distinct_and_get`` of ``--recipients`` recipients for the campaign, in one of two
   audiences: ``cycle`` (as bench/cost.py sends: one campaign, recipients taken in turn from
-  1,000, so each is seen again) or ``fresh`` (a campaign's every recipient new);
+  1,000, so each is seen again) or ``fresh`` (every recipient new, campaigns of 1,000 one
+  after another);
 * reports process CPU time (``time.process_time``: every thread, so the worker's checkpoints
   too) per call, median over ``--rounds`` rounds of ``-n`` messages, and the write-ahead-log
   frames (pages) each write call appends, counted in an untimed round.
 
-It prints both trees' figures and the ratios after / before. No network, no gateway: the
+The trees run in turn ``--repeat`` times (so that load from elsewhere drifts over both). It
+prints both trees' figures (medians of the runs) and the ratios after / before (the median of
+each run's ratio to the run of "before" just before it). No network, no gateway: the
 store alone. Exit status 0.
 """
 
@@ -90,19 +93,22 @@ def measure(args) -> int:
 
         async def message(timed: dict[str, float] | None, frames: dict[str, int] | None):
             members = recipients()
+            # fresh: a campaign of 1,000 recipients after another (under the 15,000 limit)
+            campaign = "bench" if args.audience == "cycle" else f"fresh{seq // 1000}"
             calls = (
                 ("peek", lambda: store.peek(ours, now())),
                 ("acquire", lambda: store.acquire(ours, now(), "t")),
                 ("audience", lambda: store.count_distinct_and_get(
-                    "audience:bench:rcpt", members, WEEK, 15000, "audience:bench:lists")),
+                    f"audience:{campaign}:rcpt", members, WEEK, 15000,
+                    f"audience:{campaign}:lists")),
             )
             for name, call in calls:
                 if frames is not None:
                     before = wal.stat().st_size if wal.exists() else 0
                     await call()
                     after = wal.stat().st_size
-                    frames[name] += (after - before - (32 if before == 0 else 0)) \
-                        // (page_size + 24)
+                    header = 32 if before == 0 and after else 0  # the log's own header
+                    frames[name] += (after - before - header) // (page_size + 24)
                     continue
                 started = time.process_time()
                 await call()
@@ -120,9 +126,10 @@ def measure(args) -> int:
                 rounds[c].append(timed[c] / args.n * 1e6)
         # the pages: no checkpoint in this round, so the log only grows
         page_size = store._conn().execute("PRAGMA page_size").fetchone()[0]
-        store._conn().execute("PRAGMA wal_autocheckpoint=0")
         store.CHECKPOINT_EVERY = 10**12
-        await asyncio.sleep(0)
+        await asyncio.gather(*store._background)  # a checkpoint under way
+        store._conn().execute("PRAGMA wal_autocheckpoint=0")
+        store._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the log starts empty
         frames = {c: 0 for c in CALLS}
         for _ in range(args.n):
             await message(None, frames)
@@ -159,38 +166,49 @@ def tree_of(spec: str, tmp: Path) -> Path:
 
 def run(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="state-cost-"))
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
     try:
         spec = args.before or before_commit()
         trees = {"before": tree_of(spec, tmp), "after": HERE}
-        figures: dict[str, dict] = {}
-        for name, tree in trees.items():
-            cmd = [sys.executable, __file__, "_measure", "--tree", str(tree),
-                   "--db", str(tmp / f"{name}.sqlite3"), "-n", str(args.n),
-                   "--rounds", str(args.rounds), "--recipients", str(args.recipients),
-                   "--audience", args.audience]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False,
-                                  env={**os.environ, "PYTHONPATH": ""})
-            if done.returncode != 0:
-                sys.stderr.write(done.stderr)
-                return 2
-            figures[name] = json.loads(done.stdout.splitlines()[-1])
+        for rep in range(args.repeat):  # the trees in turn, so that drifting load hits both
+            for name, tree in trees.items():
+                db = tmp / f"{name}{rep}.sqlite3"
+                cmd = [sys.executable, __file__, "_measure", "--tree", str(tree),
+                       "--db", str(db), "-n", str(args.n),
+                       "--rounds", str(args.rounds), "--recipients", str(args.recipients),
+                       "--audience", args.audience]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
+                                      check=False, env={**os.environ, "PYTHONPATH": ""})
+                if done.returncode != 0:
+                    sys.stderr.write(done.stderr)
+                    return 2
+                runs[name].append(json.loads(done.stdout.splitlines()[-1]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+    def median(name: str, what: str, call: str) -> float:
+        return statistics.median(r[what][call] for r in runs[name])
+
+    def ratio(call: str | None) -> float:  # the median of the runs' after / before
+        def total(r):
+            return sum(r["us"].values()) if call is None else r["us"][call]
+        return statistics.median(total(a) / total(b)
+                                 for a, b in zip(runs["after"], runs["before"]))
+
     print(f"SQLite state calls a message ({args.recipients} recipient(s), audience "
-          f"{args.audience}): CPU per call, median of {args.rounds} rounds of {args.n}, and "
-          f"WAL frames a call; before = {spec}")
+          f"{args.audience}): CPU per call (median of {args.repeat} runs of {args.rounds} "
+          f"rounds of {args.n}) and WAL frames a call; before = {spec}")
     print(f"{'':16}" + "".join(f"{c:>14}" for c in CALLS) + f"{'total':>14}")
     for name in ("before", "after"):
-        us = figures[name]["us"]
+        us = {c: median(name, "us", c) for c in CALLS}
         print(f"{name + ' us':16}" + "".join(f"{us[c]:>14.1f}" for c in CALLS)
               + f"{sum(us.values()):>14.1f}")
     for name in ("before", "after"):
-        fr = figures[name]["frames"]
+        fr = {c: median(name, "frames", c) for c in CALLS}
         print(f"{name + ' frames':16}" + "".join(f"{fr[c]:>14.2f}" for c in CALLS)
               + f"{sum(fr.values()):>14.2f}")
-    b, a = figures["before"]["us"], figures["after"]["us"]
-    print(f"{'after / before':16}" + "".join(f"{a[c] / b[c]:>13.3f}x" for c in CALLS)
-          + f"{sum(a.values()) / sum(b.values()):>13.3f}x")
+    print(f"{'after / before':16}" + "".join(f"{ratio(c):>13.3f}x" for c in CALLS)
+          + f"{ratio(None):>13.3f}x")
     return 0
 
 
@@ -212,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         return measure(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, parents=[common],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each tree, in turn; ratios are the median of the runs' "
+                        "(%(default)s)")
     p.add_argument("--before", metavar="TREE|REV",
                    help="the 'before' code: a checkout's directory or a git revision (default: "
                         "the parent of the commit that introduced user_version migrations)")

@@ -24,15 +24,19 @@ CREATE TABLE IF NOT EXISTS kv (
     value BLOB NOT NULL,
     expires REAL
 );
+-- rate windows: the n events recorded under key at time at (one row an instant, whatever the
+-- admission's cost), in one B-tree ordered as a window is read and pruned
 CREATE TABLE IF NOT EXISTS window_events (
     key TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS window_events_key_at ON window_events (key, at);
+    at REAL NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (key, at)
+) WITHOUT ROWID;
+-- each key's event count (events that left its window and are not pruned yet included)
 CREATE TABLE IF NOT EXISTS window_counts (
     key TEXT PRIMARY KEY,
     n INTEGER NOT NULL
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS distinct_members (
     key TEXT NOT NULL,
     member TEXT NOT NULL,
@@ -70,6 +74,79 @@ CREATE TABLE IF NOT EXISTS flag_members (
 CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
 """
 
+# The schema's version, in the file's user_version. 0: the files made before it was kept
+# (window events one row each, in a rowid table and an index). Each step below brings a file
+# from the version before to its own; a new file gets _SCHEMA at once.
+SCHEMA_VERSION = 1
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of ``script``, one each (sqlite3's execute takes one at a time, and
+    executescript would commit the set-up's transaction)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return out
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                      (name,)).fetchone() is not None
+
+
+def _rebuild(db: sqlite3.Connection, table: str, create: str, copy: str) -> None:
+    """Re-create ``table`` as ``create`` says, its rows converted by ``copy`` (a SELECT from
+    the old one, renamed ``<table>_old``)."""
+    db.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+    db.execute(create)
+    db.execute(f"INSERT INTO {table} {copy}")
+    db.execute(f"DROP TABLE {table}_old")  # with its indexes
+
+
+def _to_1(db: sqlite3.Connection) -> None:
+    """Window events merged into one row an instant in a WITHOUT ROWID table keyed (key, at),
+    their counts WITHOUT ROWID too: an admission's events dirty one B-tree, not two (a rowid
+    table and its (key, at) index), its counts one, not two (a rowid table and its key index),
+    and a cost of n writes one row, not n."""
+    if _has_table(db, "window_events"):
+        _rebuild(db, "window_events",
+                 "CREATE TABLE window_events (key TEXT NOT NULL, at REAL NOT NULL, "
+                 "n INTEGER NOT NULL, PRIMARY KEY (key, at)) WITHOUT ROWID",
+                 "(key, at, n) SELECT key, at, count(*) FROM window_events_old "
+                 "GROUP BY key, at")
+    if _has_table(db, "window_counts"):
+        _rebuild(db, "window_counts",
+                 "CREATE TABLE window_counts (key TEXT PRIMARY KEY, n INTEGER NOT NULL) "
+                 "WITHOUT ROWID",
+                 "(key, n) SELECT key, n FROM window_counts_old")
+
+
+_MIGRATIONS = {1: _to_1}
+
+
+def set_up(db: sqlite3.Connection) -> None:
+    """Create the schema, or bring a file made by an earlier version to this one: in one
+    transaction (a process stopped half-way leaves the file as it was), once (a file at
+    SCHEMA_VERSION is left alone), one process at a time (BEGIN IMMEDIATE)."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]  # (another may have)
+        if version < SCHEMA_VERSION:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[step](db)
+            for sql in _statements(_SCHEMA):
+                db.execute(sql)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
 
 class SQLiteStore:
     def __init__(self, path: Path, clock: Clock) -> None:
@@ -89,7 +166,7 @@ class SQLiteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(_SCHEMA)
+            set_up(db)
             self._db = db
         return self._db
 
@@ -222,35 +299,48 @@ class SQLiteStore:
     async def scan(self, prefix: str) -> dict[str, bytes]:
         return await self._run(self._scan, prefix, self._now())
 
+    # A key's window: its kept event count (window_counts) less the events at or before the
+    # window's start (pruned by the next admission), each in one probe however full the window
+    _KEPT_AND_GONE = ("SELECT (SELECT n FROM window_counts WHERE key = ?), (SELECT "
+                      "coalesce(sum(n), 0) FROM window_events WHERE key = ? AND at <= ?)")
+    # the time of the excess-th oldest event in the window (rows hold n events each)
+    _NTH_OLDEST = ("SELECT at FROM (SELECT at, sum(n) OVER (ORDER BY at) AS upto FROM "
+                   "window_events WHERE key = ? AND at > ?) WHERE upto >= ? LIMIT 1")
+
     def _acquire(self, limits: list[Limit], now: float,
                  db: sqlite3.Connection | None = None) -> Admission:
         db = db or self._conn()
         db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes too
         try:
-            wait, worst, counts = 0.0, -1, []
+            wait, worst, counts, changed = 0.0, -1, [], []
             for i, (key, count, window, cost) in enumerate(limits):
                 # each key's event count is kept beside its events, so a decision costs the
                 # same however full the window is: prune what left it, adjust the count
-                removed = db.execute("DELETE FROM window_events WHERE key = ? AND at <= ?",
-                                     (key, now - window)).rowcount
-                row = db.execute("SELECT n FROM window_counts WHERE key = ?", (key,)).fetchone()
-                n = max((row[0] if row else 0) - removed, 0)
+                since = now - window
+                kept, gone = db.execute(self._KEPT_AND_GONE, (key, key, since)).fetchone()
+                if gone:
+                    db.execute("DELETE FROM window_events WHERE key = ? AND at <= ?",
+                               (key, since))
+                n = max((kept or 0) - gone, 0)
                 counts.append(n)
+                changed.append(n != (kept or 0))
                 excess = n + cost - count
                 if excess > 0:  # the event whose leaving makes room: the excess-th oldest
-                    at = db.execute("SELECT at FROM window_events WHERE key = ? "
-                                    "ORDER BY at LIMIT 1 OFFSET ?",
-                                    (key, excess - 1)).fetchone()[0]
-                    w = max(at + window - now, 0.0)
+                    found = db.execute(self._NTH_OLDEST, (key, since, excess)).fetchone()
+                    w = max(found[0] + window - now, 0.0) if found else 0.0
                     if w > wait:
                         wait, worst = w, i
             admitted = wait == 0
             if admitted:
-                db.executemany("INSERT INTO window_events (key, at) VALUES (?, ?)",
-                               [(key, now) for key, _, _, cost in limits for _ in range(cost)])
-            db.executemany("INSERT OR REPLACE INTO window_counts (key, n) VALUES (?, ?)",
+                db.executemany("INSERT INTO window_events (key, at, n) VALUES (?, ?, ?) "
+                               "ON CONFLICT (key, at) DO UPDATE SET n = n + excluded.n",
+                               [(lim.key, now, lim.cost) for lim in limits if lim.cost])
+            # (a count that did not move is not written: a page less to log)
+            db.executemany("INSERT INTO window_counts (key, n) VALUES (?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET n = excluded.n",
                            [(lim.key, n + (lim.cost if admitted else 0))
-                            for lim, n in zip(limits, counts)])
+                            for lim, n, moved in zip(limits, counts, changed)
+                            if moved or (admitted and lim.cost)])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -269,17 +359,14 @@ class SQLiteStore:
             for i, (key, count, window, cost) in enumerate(limits):
                 # the kept count, less the events that left the window but are not pruned yet
                 # (an acquire prunes them): a few index probes, however full the window
-                row = db.execute("SELECT n FROM window_counts WHERE key = ?", (key,)).fetchone()
-                (gone,) = db.execute("SELECT count(*) FROM window_events WHERE key = ? "
-                                     "AND at <= ?", (key, now - window)).fetchone()
-                n = max((row[0] if row else 0) - gone, 0)
+                since = now - window
+                kept, gone = db.execute(self._KEPT_AND_GONE, (key, key, since)).fetchone()
+                n = max((kept or 0) - gone, 0)
                 if i == 0:
                     first = n
                 excess = n + cost - count
                 if excess > 0:
-                    found = db.execute("SELECT at FROM window_events WHERE key = ? AND at > ? "
-                                       "ORDER BY at LIMIT 1 OFFSET ?",
-                                       (key, now - window, excess - 1)).fetchone()
+                    found = db.execute(self._NTH_OLDEST, (key, since, excess)).fetchone()
                     w = max(found[0] + window - now, 0.0) if found else 0.0
                     if w > wait:
                         wait, worst = w, i

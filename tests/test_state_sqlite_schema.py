@@ -1,0 +1,241 @@
+"""SQLite state's schema on disk: a file made by an earlier version is brought to this one
+(once, in one transaction) and answers as it did; the rate windows answer as the memory store
+does whatever the sequence of admissions and looks."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.infra.clock import FakeClock
+from gateway.state import Limit, StoreError, open_store, retry_after
+from gateway.state import sqlite as sqlite_state
+from gateway.state.memory import MemoryStore
+
+# The schema as gateway/state/sqlite.py created it before its version was kept (user_version 0,
+# commit 1c8828a): the file an upgrade finds.
+V0_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    expires REAL
+);
+CREATE TABLE IF NOT EXISTS window_events (
+    key TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS window_events_key_at ON window_events (key, at);
+CREATE TABLE IF NOT EXISTS window_counts (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS distinct_members (
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (key, member)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS distinct_members_expires ON distinct_members (expires);
+-- each distinct set's row count (expired members not purged yet included), kept beside its
+-- members by every write (see _count_distinct); a set with members and no count row (a file
+-- made before this table) gets its count computed once, by the next write
+CREATE TABLE IF NOT EXISTS distinct_counts (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+) WITHOUT ROWID;
+-- the members of one set that left its window: what the kept count must discount
+CREATE INDEX IF NOT EXISTS distinct_members_key_expires ON distinct_members (key, expires);
+-- recipient flags (gateway.policy.flags): each flag's live generation of members is named in
+-- flag_sets; flag_gens allocates generations (and dates builds, so an abandoned one is found)
+CREATE TABLE IF NOT EXISTS flag_gens (
+    gen INTEGER PRIMARY KEY AUTOINCREMENT,
+    flag TEXT NOT NULL,
+    started REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flag_sets (
+    flag TEXT PRIMARY KEY,
+    gen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flag_sets_gen ON flag_sets (gen);
+-- member first: a look-up is one probe per recipient, whatever the number of sets
+CREATE TABLE IF NOT EXISTS flag_members (
+    member TEXT NOT NULL,
+    gen INTEGER NOT NULL,
+    PRIMARY KEY (member, gen)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
+"""
+
+
+def schema_of(path: Path) -> tuple[int, list[tuple]]:
+    """The file's user_version and the shape of its tables and indexes (columns, types, keys,
+    WITHOUT ROWID, indexed columns): what a migrated file must have exactly as a new one has."""
+    db = sqlite3.connect(path)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        shape = []
+        for kind, name, table, sql in db.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master "
+                "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name").fetchall():
+            if kind == "table":
+                columns = db.execute(f"PRAGMA table_info({name})").fetchall()
+                shape.append((kind, name, tuple(columns), "WITHOUT ROWID" in sql.upper()))
+            else:
+                columns = db.execute(f"PRAGMA index_xinfo({name})").fetchall()
+                shape.append((kind, name, table, tuple(columns)))
+    finally:
+        db.close()
+    return version, shape
+
+
+def old_file(path: Path, now: float) -> None:
+    """A version-0 file as its code left it: rate events one row each (two at one instant, and
+    one that has left a 60 s window), kept counts, a key and an audience set."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(V0_SCHEMA)
+    events = [("rate:acme:60", now - 70), ("rate:acme:60", now - 30), ("rate:acme:60", now - 30),
+              ("rate:acme:60", now - 10), ("rate:beta:60", now - 5)]
+    db.executemany("INSERT INTO window_events (key, at) VALUES (?, ?)", events)
+    db.executemany("INSERT INTO window_counts (key, n) VALUES (?, ?)",
+                   [("rate:acme:60", 4), ("rate:beta:60", 1)])
+    db.execute("INSERT INTO kv (key, value, expires) VALUES (?, ?, NULL)",
+               ("throttle:acme", b"5/minute"))
+    db.close()
+
+
+async def test_a_version_0_file_is_migrated_once_and_answers_as_before(tmp_path):
+    clock = FakeClock()
+    now = clock.now().timestamp()
+    old_file(tmp_path / "old.sqlite3", now)
+    fresh = open_store("sqlite:new.sqlite3", clock, tmp_path)
+    await fresh.ping()
+    await fresh.close()
+
+    store = open_store("sqlite:old.sqlite3", clock, tmp_path)
+    acme = [Limit("rate:acme:60", 4, 60.0)]
+    # three live events (two at now - 30), one gone: room for one, then the oldest live leaves
+    assert await store.peek(acme, now) == (0.0, -1, 3)
+    assert await store.acquire(acme, now, "a") == (0.0, -1, 4)
+    full = await store.acquire(acme, now + 1, "b")
+    assert full == (pytest.approx(29.0), 0, 4)
+    two = await store.acquire([acme[0]._replace(cost=2)], now + 1, "c")
+    assert two == (pytest.approx(29.0), 0, 4)  # both events at now - 30 must leave
+    three = await store.peek([acme[0]._replace(cost=3)], now + 1)
+    assert three.wait == pytest.approx(49.0)  # and the one at now - 10
+    assert await store.peek([Limit("rate:beta:60", 1, 60.0)], now) == (pytest.approx(55.0), 0, 1)
+    assert await store.get("throttle:acme") == b"5/minute"
+    await store.close()
+    assert schema_of(tmp_path / "old.sqlite3") == schema_of(tmp_path / "new.sqlite3")
+    assert schema_of(tmp_path / "old.sqlite3")[0] == sqlite_state.SCHEMA_VERSION
+
+    again = open_store("sqlite:old.sqlite3", clock, tmp_path)  # a file of this version: as is
+    assert (await again.peek(acme, now + 1)).used == 4
+    await again.close()
+    db = sqlite3.connect(tmp_path / "old.sqlite3")
+    assert db.execute("SELECT at - ?, n FROM window_events WHERE key = 'rate:acme:60' "
+                      "ORDER BY at", (now,)).fetchall() == [(-30.0, 2), (-10.0, 1), (0.0, 1)]
+    db.close()
+
+
+async def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """One transaction: a process stopped half-way (here, a step that raises after its work)
+    leaves the version-0 file whole, and the next start migrates it."""
+    clock = FakeClock()
+    now = clock.now().timestamp()
+    path = tmp_path / "old.sqlite3"
+    old_file(path, now)
+    before = schema_of(path)
+    real = dict(sqlite_state._MIGRATIONS)
+
+    def broken(db):
+        real[1](db)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setitem(sqlite_state._MIGRATIONS, 1, broken)
+    store = open_store("sqlite:old.sqlite3", clock, tmp_path)
+    with pytest.raises(StoreError, match="disk I/O error"):
+        await store.ping()
+    await store.close()
+    assert schema_of(path) == before
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM window_events").fetchone() == (5,)
+    db.close()
+
+    monkeypatch.setitem(sqlite_state._MIGRATIONS, 1, real[1])
+    store = open_store("sqlite:old.sqlite3", clock, tmp_path)
+    assert await store.peek([Limit("rate:acme:60", 4, 60.0)], now) == (0.0, -1, 3)
+    await store.close()
+    assert schema_of(path)[0] == sqlite_state.SCHEMA_VERSION
+
+
+async def test_two_processes_starting_on_an_old_file_migrate_it_once(tmp_path):
+    """Two stores (two processes' worth: each its own connections and thread) opening one
+    version-0 file at once: one migrates, the other finds it done; no event is lost or
+    doubled."""
+    clock = FakeClock()
+    now = clock.now().timestamp()
+    old_file(tmp_path / "old.sqlite3", now)
+    stores = [open_store("sqlite:old.sqlite3", clock, tmp_path) for _ in range(2)]
+    looks = await asyncio.gather(*(s.peek([Limit("rate:acme:60", 4, 60.0)], now)
+                                   for s in stores))
+    assert looks == [(0.0, -1, 3), (0.0, -1, 3)]
+    for store in stores:
+        await store.close()
+    db = sqlite3.connect(tmp_path / "old.sqlite3")
+    assert db.execute("SELECT sum(n) FROM window_events").fetchone() == (5,)
+    db.close()
+
+
+_RATE_STEPS = st.lists(st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.5, 1.0, 7.0, 10.0, 30.0])),
+    st.tuples(st.sampled_from(["acquire", "peek"]),
+              st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(1, 4),
+                                 st.sampled_from([10.0, 30.0]), st.integers(1, 3)),
+                       min_size=1, max_size=3, unique_by=lambda t: t[0]))), max_size=40)
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=_RATE_STEPS)
+def test_sqlite_rate_windows_answer_as_the_memory_store_does(steps):
+    """Random admissions and looks (several at one instant, costs above one, up to three
+    limits, windows of 10 and 30 s): SQLite's answers (wait, limit, used) are the memory
+    store's, whose windows are plain sorted lists of event times."""
+
+    async def run(base: Path) -> None:
+        clock = FakeClock()
+        sqlite_store, memory = open_store("sqlite:s.sqlite3", clock, base), MemoryStore(clock)
+        try:
+            for step in steps:
+                if step[0] == "advance":
+                    clock.advance(step[1])
+                    continue
+                call, specs = step
+                limits = [Limit(f"rate:{k}:{int(w)}", count, w, min(cost, count))
+                          for k, count, w, cost in specs]
+                now = clock.now().timestamp()
+                if call == "acquire":
+                    want = await memory.acquire(limits, now, "t")
+                    got = await sqlite_store.acquire(limits, now, "t")
+                else:
+                    want = await memory.peek(limits, now)
+                    got = await sqlite_store.peek(limits, now)
+                assert got.limit == want.limit and got.used == want.used, step
+                assert got.wait == pytest.approx(want.wait), step
+        finally:
+            await sqlite_store.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(Path(tmp)))
+
+
+def test_retry_after_is_the_reference_for_costs_at_one_instant():
+    """(The reference the property test rests on: two events at one instant leave together.)"""
+    assert retry_after([5.0, 5.0, 9.0], 3, 10.0, 10.0, cost=2) == 5.0
+    assert retry_after([5.0, 5.0, 9.0], 3, 10.0, 10.0, cost=3) == 9.0
