@@ -95,3 +95,24 @@ def test_stdlib_loggers_render_as_json_fields_in_process(logs):
                      "logger": "aiohttp.server", "timestamp": first["timestamp"]}
     assert second["event"] == "task failed: x\x1b[31m" and second["logger"] == "asyncio"
     assert second["exception"].startswith("Traceback") and "boom" in second["exception"]
+
+
+def test_decision_line_follows_a_new_logging_configuration(logs):
+    """The decision line's logger is assembled once per configuration: after the logging is
+    configured again (a reopened log file, a reload), its lines go where the new one says."""
+    import io
+
+    from gateway.ops.maillog import MailLog, configure_logging
+
+    maillog = MailLog(b"k" * 32)
+    maillog.decision(decision="accept", reason="relayed", recipients=["a@example.edu"])
+    assert [line["reason"] for line in logs.lines() if line["event"] == "message"] == ["relayed"]
+    other = io.StringIO()
+    configure_logging("info", "json", stream=other, serving=False)
+    try:
+        maillog.decision(decision="defer", reason="rate_limited", recipients=[])
+    finally:
+        configure_logging("debug", "json", stream=logs.stream, serving=False)
+    [line] = [json.loads(text) for text in other.getvalue().splitlines()]
+    assert (line["event"], line["reason"]) == ("message", "rate_limited")
+    assert [line["reason"] for line in logs.lines() if line["event"] == "message"] == ["relayed"]

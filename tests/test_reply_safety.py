@@ -4,7 +4,10 @@ accepted once, and no reply ever carries a control character from the client."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gateway.message import replies
 from gateway.message.replies import Reply, escape_reply, from_upstream
 from tests.conftest import MESSAGE
 from tests.raw_smtp import REPLY_LINE, RawSMTP
@@ -65,6 +68,15 @@ def test_reply_text_from_any_source_never_breaks_a_line():
         "550-5.1.1 no such user\r\n550 5.1.1 see \\x1b[1mhelp\\u2028x")
     # what reaches the wire is at most 512 octets a line, CRLF included
     assert len(escape_reply("500 " + "\x01" * 400)) == 510
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x2100), max_size=600))
+def test_escape_line_equals_the_full_substitution(text):
+    # the fast path (printable ASCII is left as it is) gives what the substitution gives
+    escaped = replies._UNSAFE.sub(replies._escape_char, text)
+    expected = escaped if len(escaped) <= replies.MAX_LINE else (
+        escaped[:replies.MAX_LINE - 3] + "...")
+    assert replies.escape_line(text) == expected
 
 
 # --- item 4: duplicate recipients ------------------------------------------------------------

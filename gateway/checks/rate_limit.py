@@ -128,7 +128,7 @@ class RateLimit(Check):
         if ctx.dry_run:  # explain: a look at the budget, never a take
             return await self._look(ctx, sender_id, budget)
         if self.metrics is not None:
-            self.metrics.effective_rate.labels(sender_id).set(
+            self.metrics.child(self.metrics.effective_rate, sender_id).set(
                 min(r.per_second for r in sender_rates))
         holding = self.settings(ctx).mode == "enforce"
         clock = self.deps.clock
@@ -142,7 +142,7 @@ class RateLimit(Check):
                 return self._store_down(exc)
             if admission.wait == 0:
                 if self.metrics is not None:
-                    self.metrics.budget_used.labels(sender_id).set(admission.used)
+                    self.metrics.child(self.metrics.budget_used, sender_id).set(admission.used)
                 return ACCEPT
             if admission.wait > deadline - clock.monotonic():
                 _, kind, rate = budget[admission.limit]

@@ -309,7 +309,8 @@ class SenderAuth(Check):
     def _count(self, check: str, result: str, ctx: Context) -> None:
         if self.deps.metrics is not None:
             sender = ctx.sender.id if ctx.sender is not None else "unknown"
-            self.deps.metrics.auth_results.labels(check, result, sender).inc()
+            metrics = self.deps.metrics
+            metrics.child(metrics.auth_results, check, result, sender).inc()
 
 
 def _dkim_summary(sigs: list[DkimResult]) -> str:

@@ -37,15 +37,16 @@ class Decisions:
             observe(txn, action, reason, reply, stage, decided_by)
         ctx, outcome = txn.ctx, txn.outcome
         sender = sender_label(ctx)
-        self.metrics.messages.labels(sender, action, reason).inc()
+        self.metrics.child(self.metrics.messages, sender, action, reason).inc()
         if reason.endswith("state_unavailable"):
             self.metrics.state_errors.inc()
         for name, verdict in outcome.monitored:
-            self.metrics.monitored.labels(name, verdict.action).inc()
+            self.metrics.child(self.metrics.monitored, name, verdict.action).inc()
         if stage == "data":
-            self.metrics.recipients.labels(sender, action).inc(len(ctx.recipients))
+            self.metrics.child(self.metrics.recipients, sender, action).inc(len(ctx.recipients))
             if ctx.message_class is not None:
-                self.metrics.message_classes.labels(sender, ctx.message_class, action).inc()
+                self.metrics.child(self.metrics.message_classes, sender, ctx.message_class,
+                                   action).inc()
         if not self.maillog.enabled:
             return
         in_txn = stage != "mail"

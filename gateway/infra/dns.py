@@ -237,7 +237,7 @@ class Resolver:
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.dns_cache.labels(outcome).inc()
+            self.metrics.child(self.metrics.dns_cache, outcome).inc()
 
     # --- synchronous consumers -----------------------------------------------------------
 

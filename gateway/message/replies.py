@@ -22,7 +22,8 @@ def _escape_char(m: re.Match) -> str:
 def escape_line(text: str) -> str:
     """One reply line made safe: control and non-ASCII characters escaped, at most 512
     octets with its CRLF."""
-    text = _UNSAFE.sub(_escape_char, text)
+    if not (text.isascii() and text.isprintable()):  # (the usual case: nothing to escape)
+        text = _UNSAFE.sub(_escape_char, text)
     return text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "..."
 
 
