@@ -53,6 +53,33 @@ async def test_simple_and_relaxed_canonicalization_pass(verify):
         assert r.result == "pass", canon
 
 
+@pytest.mark.parametrize("header", [b"simple", b"relaxed"])
+async def test_relaxed_body_tolerates_white_space_changes_and_nothing_more(verify, header):
+    """c=*/relaxed: the body is canonicalized by the gateway (gateway.checks.auth_dkim.
+    relaxed_body) and handed to dkimpy as simple; what relaxed allows still passes, any other
+    change fails, and the simple body canonicalization allows no white space change at all."""
+    body = b"Hello,  world.\t\r\nSecond line \r\n\r\n\r\n"
+    relaxed = sign(message(body=body), "rsa2048", "acme.example", canon=(header, b"relaxed"))
+    simple = sign(message(body=body), "rsa2048", "acme.example", canon=(header, b"simple"))
+    spaced = b"Hello, \t world.  \r\nSecond \t line\r\n\r\n"  # relaxed-equal
+    for raw, changed, expected in [
+            (relaxed, body, "pass"), (relaxed, spaced, "pass"),
+            (relaxed, b"Hello, world!\r\nSecond line\r\n", "fail"),
+            (relaxed, b"Hello,world.\r\nSecond line\r\n", "fail"),  # a run is not removed
+            (simple, body, "pass"), (simple, spaced, "fail")]:
+        [r] = await verify(raw.replace(body, changed))
+        assert (r.result, r.reason) == (
+            (expected, "") if expected == "pass" else (expected, "body hash did not verify"))
+
+
+@pytest.mark.parametrize("body", [b"", b"\r\n", b" \r\n\t\r\n"])
+async def test_relaxed_empty_body_passes(verify, body):
+    # relaxed makes these the empty body, which dkimpy canonicalizes itself
+    [r] = await verify(sign(message(body=body), "rsa2048", "acme.example",
+                            canon=(b"relaxed", b"relaxed")))
+    assert r.result == "pass"
+
+
 async def test_rfc8463_example_both_signatures_pass(verify):
     found = await verify(RFC8463_MESSAGE)
     assert [(r.result, r.domain, r.selector, r.algorithm, r.key_bits) for r in found] == [

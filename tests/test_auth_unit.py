@@ -71,6 +71,21 @@ def test_relaxed_and_strict_alignment():
     assert not a.aligned("bounce.em.acme.example", "em.acme.example", "strict")
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["em.acme.example", "EM.Acme.Example.", "mail.example.co.uk",
+                                 "user1.github.io", "co.uk", "example", "a.b.c.example.com.",
+                                 "x.y.z.blogspot.com", "localhost", ""]), max_size=30))
+def test_organizational_domain_memo_answers_as_the_list(domains):
+    # remembered or not (a tiny memo is emptied while the same domains come back), the answer
+    # is the Public Suffix List's for the lower-cased domain without its final dot
+    a = Aligner()
+    a.MEMO_MAX = 3
+    for domain in domains:
+        key = domain.lower().rstrip(".")
+        assert a.organizational(domain) == (a.psl.privatesuffix(key) or key)
+        assert len(a._memo) <= 3
+
+
 def test_authentication_results_value():
     spf = [SpfResult("mailfrom", "em.acme.example", "pass"),
            SpfResult("helo", "mx.acme.example", "softfail", 'owner "discourages" it')]
@@ -214,3 +229,24 @@ def test_emptying_b_is_what_dkimpys_own_expression_does(pieces):
     expected = dkim.RE_BTAG.sub(rb"\1", value)
     assert without_b(value) == expected
     assert dkim.RE_BTAG.sub(rb"\1", without_b(value)) == expected
+
+
+_BODY_PIECES = [b" ", b"  ", b"\t", b"\r\n", b"\r", b"\n", b"x", b"yz", b"\x0b", b"\xa0",
+                b" \r\n", b"\t\r\n", b"\r\n\r\n", b".", b""]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_BODY_PIECES), max_size=30))
+def test_relaxed_body_is_dkimpys_own(pieces):
+    """gateway.checks.auth_dkim.relaxed_body (the relaxed body canonicalization done once,
+    cheaply) is dkimpy's, and dkimpy's simple canonicalization leaves a non-empty result as it
+    is (so handing it over under c=.../simple hashes the same bytes)."""
+    from dkim.canonicalization import Relaxed, Simple
+
+    from gateway.checks.auth_dkim import relaxed_body
+
+    body = b"".join(pieces)
+    expected = Relaxed.canonicalize_body(body)
+    assert relaxed_body(body) == expected
+    if expected:
+        assert Simple.canonicalize_body(expected) == expected

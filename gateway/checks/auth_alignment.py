@@ -52,12 +52,22 @@ def registered(domain: str, domains: tuple[str, ...]) -> bool:
 class Aligner:
     """Organizational domains from the Public Suffix List; build once (the list takes ~50 ms)."""
 
+    MEMO_MAX = 4096  # domains whose organizational domain is remembered (then forgotten at once)
+
     def __init__(self) -> None:
         self.psl = PublicSuffixList()
+        # a message asks for the same few domains (author, SPF, DKIM d=) several times, and a
+        # sender's messages for the same ones again: the list's walk is done once per domain
+        self._memo: dict[str, str] = {}
 
     def organizational(self, domain: str) -> str:
-        domain = domain.lower().rstrip(".")
-        return self.psl.privatesuffix(domain) or domain
+        found = self._memo.get(domain)
+        if found is None:
+            if len(self._memo) >= self.MEMO_MAX:
+                self._memo.clear()
+            key = domain.lower().rstrip(".")
+            found = self._memo[domain] = self.psl.privatesuffix(key) or key
+        return found
 
     def aligned(self, identity: str, author: str, mode: AlignmentMode = "relaxed") -> bool:
         identity, author = identity.lower().rstrip("."), author.lower().rstrip(".")
