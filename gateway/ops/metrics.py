@@ -2,13 +2,54 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # One vocabulary of decisions across metrics (gateway_messages_total, gateway_recipients_total,
 # gateway_message_classes_total) and the decision log: what happened to a message or recipient.
 DECISIONS = ("accept", "reject", "defer", "quarantine", "drop")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class LoopHistogram:
+    """A labelled histogram observed many times a message, from the event loop only, exposed
+    as prometheus_client's own histogram would be (``_bucket`` with ``le``, ``_count``,
+    ``_sum``; no ``_created``) through a custom collector. prometheus_client's Histogram takes
+    a lock for its sum and for the bucket at every observation (about 1.2 us, against 0.15 us
+    here); one writer, the event loop, needs none. A scrape in another thread may see one
+    observation in the sum and not yet in its bucket, as it may with prometheus_client's."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str],
+                 buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self._bounds = tuple(float(b) for b in buckets) + (float("inf"),)
+        self._les = [floatToGoString(b) for b in self._bounds]
+        self._series: dict[tuple[str, ...], list] = {}  # labels: [count per bucket..., sum]
+        registry.register(self)
+
+    def observe(self, labels: tuple[str, ...], amount: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0] * len(self._bounds) + [0.0]
+        series[bisect_left(self._bounds, amount)] += 1  # the first bucket with amount <= le
+        series[-1] += amount
+
+    def describe(self):
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, series in list(self._series.items()):
+            counts, total, running, buckets = series[:-1], series[-1], 0, []
+            for le, n in zip(self._les, counts):
+                running += n
+                buckets.append((le, running))
+            family.add_metric(list(labels), buckets, total)
+        yield family
 
 
 class Metrics:
@@ -26,9 +67,8 @@ class Metrics:
                               registry=registry)
         self.connections = Counter("gateway_connections", "SMTP connections accepted",
                                    registry=registry)
-        self._check_children: dict[str, Histogram] = {}
         self._children: dict[tuple, object] = {}  # see child()
-        self.check_seconds = Histogram(
+        self.check_seconds = LoopHistogram(
             "gateway_check_seconds", "Time spent in each check", ["check"],
             buckets=LATENCY_BUCKETS, registry=registry)
         self.monitored = Counter(
@@ -173,12 +213,8 @@ class Metrics:
         return found
 
     def check_observed(self, check: str, seconds: float) -> None:
-        """A check's run time; its labelled child is looked up once (a check runs ~20 times a
-        message, and labels() costs more than observe())."""
-        child = self._check_children.get(check)
-        if child is None:
-            child = self._check_children[check] = self.check_seconds.labels(check)
-        child.observe(seconds)
+        """A check's run time (a check runs ~15 times a message: see LoopHistogram)."""
+        self.check_seconds.observe((check,), seconds)
 
     def upstream_reply(self, stage: str, code: int) -> None:
         self.child(self.upstream_replies, stage, f"{code // 100}xx").inc()
