@@ -12,8 +12,11 @@ from email.policy import compat32
 
 from gateway.checks.base import Context
 from gateway.message.headers import Field
+from gateway.message.indexed import IndexedMessage
 
-_PARSER = BytesParser(policy=compat32)  # parsed once per message, shared by every check
+# parsed once per message, shared by every check; every entity an IndexedMessage (the stdlib's
+# Message with its header look-ups indexed by name: the checks make some thirty a message)
+_PARSER = BytesParser(IndexedMessage, policy=compat32)
 PARSE_INLINE_MAX = 256 * 1024  # larger messages are parsed off the event loop
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 
@@ -55,10 +58,9 @@ def _from_fields(content: bytes, end: int, fields: tuple[Field, ...]) -> Message
     not exactly that block."""
     if b"".join(f.raw for f in fields) != content[:end + 2]:
         return None
-    msg = Message(policy=compat32)
-    for f in fields:
-        msg.set_raw(f.name, f.value.decode("ascii", "surrogateescape").lstrip(" \t")
-                    .rstrip("\r\n"))
+    msg = IndexedMessage(policy=compat32)
+    msg.set_raw_fields([(f.name, f.value.decode("ascii", "surrogateescape").lstrip(" \t")
+                         .rstrip("\r\n")) for f in fields])
     msg.set_payload("")
     return msg
 
