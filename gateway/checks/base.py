@@ -102,6 +102,9 @@ class Context:
     # Every DKIM-Signature of ``raw`` verified, once per message (checks.dkim_once): shared by
     # sender_auth and unsubscribe so that no signature is verified twice. None: not yet.
     dkim: list[DkimResult] | None = None
+    # The h= tags of the message's DKIM-Signature fields (checks.unsubscribe), read once per
+    # message for both halves of that check: (the message they were read from, one set each).
+    dkim_signed: tuple[Message, list[frozenset[str]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ _COMMENT = re.compile(r"\([^()]*\)")
 _BRACKETED = re.compile(r"<([^<>]*)>")
 _SEPARATORS = re.compile(r"[\s,]*")
 _BAD_URI_CHARS = re.compile(r"[\x00-\x20\x7f-\uffff<>\"\\^`{|}]")
+_WHITESPACE = re.compile(r"\s+")
 _POLICY = "policy IV.C.1.a"
 
 
@@ -68,7 +69,7 @@ def parse_list_unsubscribe(value: str) -> list[str] | None:
     for m in _BRACKETED.finditer(text):
         if not _SEPARATORS.fullmatch(text, pos, m.start()):
             return None
-        uris.append(re.sub(r"\s+", "", m.group(1)))  # RFC 2369: internal whitespace is ignored
+        uris.append(_WHITESPACE.sub("", m.group(1)))  # RFC 2369: internal whitespace is ignored
         pos = m.end()
     if not uris or not _SEPARATORS.fullmatch(text, pos):
         return None
@@ -96,12 +97,24 @@ def usable_uri(uri: str) -> str | None:
 
 
 def dkim_signed_headers(value: str) -> set[str]:
-    """The lower-cased header names in the ``h=`` tag of one DKIM-Signature value."""
+    """The lower-cased header names in the ``h=`` tag of one DKIM-Signature value (white
+    space anywhere in the tag ignored)."""
     for tag in value.split(";"):
         name, eq, tag_value = tag.partition("=")
         if eq and name.strip().lower() == "h":
-            return {h.strip().lower() for h in re.sub(r"\s+", "", tag_value).split(":") if h}
+            # str.split() splits at exactly the characters \s matches in a str pattern
+            return {h.lower() for h in "".join(tag_value.split()).split(":") if h}
     return set()
+
+
+def signed_sets(ctx: Context, message: Message) -> list[frozenset[str]]:
+    """The ``h=`` sets of ``message``'s DKIM-Signature fields, in order: read once per
+    message (``ctx.dkim_signed``) for both halves of the check."""
+    memo = ctx.dkim_signed
+    if memo is None or memo[0] is not message:
+        memo = ctx.dkim_signed = (message, [frozenset(dkim_signed_headers(str(s)))
+                                            for s in message.get_all("DKIM-Signature") or []])
+    return memo[1]
 
 
 class Unsubscribe(Check):
@@ -141,11 +154,11 @@ class Unsubscribe(Check):
             return _fail(f"List-Unsubscribe-Post is malformed: expected exactly one header "
                          f"\"List-Unsubscribe-Post: {ONE_CLICK}\" (RFC 8058)",
                          "one_click_malformed")
-        signatures = message.get_all("DKIM-Signature") or []
-        if signatures and settings.require_signed:
+        signatures = signed_sets(ctx, message) if settings.require_signed else []
+        if signatures:
             needed = _needed(message)
             names = " and ".join(["List-Unsubscribe", "List-Unsubscribe-Post"][:len(needed)])
-            if not any(needed <= dkim_signed_headers(str(s)) for s in signatures):
+            if not any(needed <= signed for signed in signatures):
                 return _fail(f"DKIM-Signature does not cover {names}: list "
                              f"{'them' if posts else 'it'} in the h= tag of the signature "
                              "(RFC 8058 section 4)", "unsubscribe_unsigned")
@@ -178,8 +191,7 @@ class UnsubscribeCoverage(Check):
                 or not self.settings(ctx).require_signed):
             return ACCEPT
         needed = _needed(message)
-        if not any(needed <= dkim_signed_headers(str(s))
-                   for s in message.get_all("DKIM-Signature") or []):
+        if not any(needed <= signed for signed in signed_sets(ctx, message)):
             return ACCEPT  # unsigned, or refused by the first half (unless it only monitors)
         names = " and ".join(["List-Unsubscribe", "List-Unsubscribe-Post"][:len(needed)])
         if self.deps.dns is None:
