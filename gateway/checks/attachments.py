@@ -137,17 +137,17 @@ def _malformed(where: str, what: str) -> Finding:
                    f"checked for attachments ({POLICY})", "mime_malformed")
 
 
-def _params(part: Message, header: str) -> list[tuple[str, object]]:
-    if part.get(header) is None:
-        return []
-    return part.get_params([], header=header)
-
-
 def _file_name(part: Message) -> str | None:
     """The part's file name (filename or name parameter, either header, RFC 2231 decoded);
     "" when the parameter is present but empty; None when there is none."""
     for header in ("content-disposition", "content-type"):
-        for key, value in _params(part, header):
+        raw = part.get(header)
+        # the stdlib's parameter names are (lower-cased) parts of the value: a value without
+        # "name" has neither parameter, and needs no parse (the parse of one that could
+        # fail, a parameter both with and without sections, refused earlier: _param_problem)
+        if raw is None or "name" not in str(raw).lower():
+            continue
+        for key, value in part.get_params([], header=header):
             if key in ("filename", "name"):
                 return collapse_rfc2231_value(value) if value is not None else ""
     return None
@@ -191,9 +191,8 @@ def _structure_problem(part: Message, ctype: str) -> str | None:
         for kind, text in _HIDING_DEFECTS:
             if isinstance(defect, kind):
                 return text
-    seen = [k.lower() for k in part.keys()]
     for name in _SINGLE:
-        if seen.count(name) > 1:
+        if len(part.get_all(name, ())) > 1:
             return f"more than one {name.title()} header"
     raw = part.get("content-type")
     if raw is not None and str(raw).split(";", 1)[0].strip().lower() != ctype:
