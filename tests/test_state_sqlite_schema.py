@@ -73,6 +73,64 @@ CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
 """
 
 
+# The schema of version 1 (commit 0bbe6bb): rate windows converted, distinct members still
+# indexed by expiry.
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    expires REAL
+);
+-- rate windows: the n events recorded under key at time at (one row an instant, whatever the
+-- admission's cost), in one B-tree ordered as a window is read and pruned
+CREATE TABLE IF NOT EXISTS window_events (
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (key, at)
+) WITHOUT ROWID;
+-- each key's event count (events that left its window and are not pruned yet included)
+CREATE TABLE IF NOT EXISTS window_counts (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS distinct_members (
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (key, member)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS distinct_members_expires ON distinct_members (expires);
+-- each distinct set's row count (expired members not purged yet included), kept beside its
+-- members by every write (see _count_distinct); a set with members and no count row (a file
+-- made before this table) gets its count computed once, by the next write
+CREATE TABLE IF NOT EXISTS distinct_counts (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+) WITHOUT ROWID;
+-- the members of one set that left its window: what the kept count must discount
+CREATE INDEX IF NOT EXISTS distinct_members_key_expires ON distinct_members (key, expires);
+-- recipient flags (gateway.policy.flags): each flag's live generation of members is named in
+-- flag_sets; flag_gens allocates generations (and dates builds, so an abandoned one is found)
+CREATE TABLE IF NOT EXISTS flag_gens (
+    gen INTEGER PRIMARY KEY AUTOINCREMENT,
+    flag TEXT NOT NULL,
+    started REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flag_sets (
+    flag TEXT PRIMARY KEY,
+    gen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flag_sets_gen ON flag_sets (gen);
+-- member first: a look-up is one probe per recipient, whatever the number of sets
+CREATE TABLE IF NOT EXISTS flag_members (
+    member TEXT NOT NULL,
+    gen INTEGER NOT NULL,
+    PRIMARY KEY (member, gen)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
+"""
+
 def schema_of(path: Path) -> tuple[int, list[tuple]]:
     """The file's user_version and the shape of its tables and indexes (columns, types, keys,
     WITHOUT ROWID, indexed columns): what a migrated file must have exactly as a new one has."""
@@ -94,31 +152,44 @@ def schema_of(path: Path) -> tuple[int, list[tuple]]:
     return version, shape
 
 
-def old_file(path: Path, now: float) -> None:
-    """A version-0 file as its code left it: rate events one row each (two at one instant, and
-    one that has left a 60 s window), kept counts, a key and an audience set."""
+def old_file(path: Path, now: float, version: int = 0) -> None:
+    """A file of ``version`` as its code left it: rate events (two at one instant, and one
+    that has left a 60 s window), kept counts, a key, and audience sets: "c" with its count
+    (three members, one expired), "pre" stored before distinct_counts (no count row; two
+    members, one expired)."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
-    db.executescript(V0_SCHEMA)
+    db.executescript(V0_SCHEMA if version == 0 else V1_SCHEMA)
+    db.execute(f"PRAGMA user_version = {version}")
     events = [("rate:acme:60", now - 70), ("rate:acme:60", now - 30), ("rate:acme:60", now - 30),
               ("rate:acme:60", now - 10), ("rate:beta:60", now - 5)]
-    db.executemany("INSERT INTO window_events (key, at) VALUES (?, ?)", events)
+    if version == 0:
+        db.executemany("INSERT INTO window_events (key, at) VALUES (?, ?)", events)
+    else:
+        db.executemany("INSERT INTO window_events (key, at, n) VALUES (?, ?, 1) "
+                       "ON CONFLICT (key, at) DO UPDATE SET n = n + 1", events)
     db.executemany("INSERT INTO window_counts (key, n) VALUES (?, ?)",
                    [("rate:acme:60", 4), ("rate:beta:60", 1)])
     db.execute("INSERT INTO kv (key, value, expires) VALUES (?, ?, NULL)",
                ("throttle:acme", b"5/minute"))
+    db.executemany("INSERT INTO distinct_members (key, member, expires) VALUES (?, ?, ?)",
+                   [("c", "m1", now + 50), ("c", "m2", now - 5), ("c", "m3", now + 20),
+                    ("pre", "p1", now - 1), ("pre", "p2", now + 300)])
+    db.execute("INSERT INTO distinct_counts (key, n) VALUES ('c', 3)")
     db.close()
 
 
-async def test_a_version_0_file_is_migrated_once_and_answers_as_before(tmp_path):
+@pytest.mark.parametrize("version", [0, 1])
+async def test_an_old_file_is_migrated_once_and_answers_as_before(tmp_path, version):
     clock = FakeClock()
     now = clock.now().timestamp()
-    old_file(tmp_path / "old.sqlite3", now)
+    old_file(tmp_path / "old.sqlite3", now, version)
     fresh = open_store("sqlite:new.sqlite3", clock, tmp_path)
     await fresh.ping()
     await fresh.close()
 
     store = open_store("sqlite:old.sqlite3", clock, tmp_path)
+    store.PURGE_EVERY = float("inf")  # first the counts as the file has them, unpurged
     acme = [Limit("rate:acme:60", 4, 60.0)]
     # three live events (two at now - 30), one gone: room for one, then the oldest live leaves
     assert await store.peek(acme, now) == (0.0, -1, 3)
@@ -131,34 +202,49 @@ async def test_a_version_0_file_is_migrated_once_and_answers_as_before(tmp_path)
     assert three.wait == pytest.approx(49.0)  # and the one at now - 10
     assert await store.peek([Limit("rate:beta:60", 1, 60.0)], now) == (pytest.approx(55.0), 0, 1)
     assert await store.get("throttle:acme") == b"5/minute"
+    assert await store.count_distinct("c", [], 100.0) == 2
+    assert await store.count_distinct("pre", ["p1"], 100.0) == 2  # p1 had expired: new again
+    assert await store.count_distinct("c", ["m2", "m4"], 100.0) == 4
     await store.close()
     assert schema_of(tmp_path / "old.sqlite3") == schema_of(tmp_path / "new.sqlite3")
     assert schema_of(tmp_path / "old.sqlite3")[0] == sqlite_state.SCHEMA_VERSION
+    db = sqlite3.connect(tmp_path / "old.sqlite3")
+    assert db.execute("SELECT key, n, oldest - ? FROM distinct_counts ORDER BY key",
+                      (now,)).fetchall() == [("c", 4, -5.0), ("pre", 2, -1.0)]  # (no later
+    # than the earliest expiry: a member seen again leaves it as it was)
+    db.close()
 
     again = open_store("sqlite:old.sqlite3", clock, tmp_path)  # a file of this version: as is
     assert (await again.peek(acme, now + 1)).used == 4
+    clock.advance(60)  # m1, m3 leave "c"; the purge deletes them (none from "pre")
+    assert await again.count_distinct("c", [], 100.0) == 2
     await again.close()
     db = sqlite3.connect(tmp_path / "old.sqlite3")
     assert db.execute("SELECT at - ?, n FROM window_events WHERE key = 'rate:acme:60' "
                       "ORDER BY at", (now,)).fetchall() == [(-30.0, 2), (-10.0, 1), (0.0, 1)]
+    assert db.execute("SELECT key, member FROM distinct_members ORDER BY key, member"
+                      ).fetchall() == [("c", "m2"), ("c", "m4"), ("pre", "p1"), ("pre", "p2")]
+    assert db.execute("SELECT key, n, oldest - ? FROM distinct_counts ORDER BY key",
+                      (now,)).fetchall() == [("c", 2, 100.0), ("pre", 2, 100.0)]
     db.close()
 
 
 async def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path, monkeypatch):
-    """One transaction: a process stopped half-way (here, a step that raises after its work)
-    leaves the version-0 file whole, and the next start migrates it."""
+    """One transaction: a process stopped half-way (here, the last step raises after its work,
+    every earlier one done) leaves the version-0 file whole, and the next start migrates it."""
     clock = FakeClock()
     now = clock.now().timestamp()
     path = tmp_path / "old.sqlite3"
     old_file(path, now)
     before = schema_of(path)
     real = dict(sqlite_state._MIGRATIONS)
+    last = sqlite_state.SCHEMA_VERSION
 
     def broken(db):
-        real[1](db)
+        real[last](db)
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setitem(sqlite_state._MIGRATIONS, 1, broken)
+    monkeypatch.setitem(sqlite_state._MIGRATIONS, last, broken)
     store = open_store("sqlite:old.sqlite3", clock, tmp_path)
     with pytest.raises(StoreError, match="disk I/O error"):
         await store.ping()
@@ -168,7 +254,7 @@ async def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path, monkey
     assert db.execute("SELECT count(*) FROM window_events").fetchone() == (5,)
     db.close()
 
-    monkeypatch.setitem(sqlite_state._MIGRATIONS, 1, real[1])
+    monkeypatch.setitem(sqlite_state._MIGRATIONS, last, real[last])
     store = open_store("sqlite:old.sqlite3", clock, tmp_path)
     assert await store.peek([Limit("rate:acme:60", 4, 60.0)], now) == (0.0, -1, 3)
     await store.close()

@@ -43,15 +43,17 @@ CREATE TABLE IF NOT EXISTS distinct_members (
     expires REAL NOT NULL,
     PRIMARY KEY (key, member)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS distinct_members_expires ON distinct_members (expires);
--- each distinct set's row count (expired members not purged yet included), kept beside its
--- members by every write (see _count_distinct); a set with members and no count row (a file
--- made before this table) gets its count computed once, by the next write
+-- each distinct set's row count (expired members not purged yet included) and a time no later
+-- than its earliest expiry, kept beside its members by every write (see _count_distinct): a set
+-- has a row here exactly when it has members; the purge finds the sets it has work in by oldest
 CREATE TABLE IF NOT EXISTS distinct_counts (
     key TEXT PRIMARY KEY,
-    n INTEGER NOT NULL
+    n INTEGER NOT NULL,
+    oldest REAL NOT NULL
 ) WITHOUT ROWID;
--- the members of one set that left its window: what the kept count must discount
+CREATE INDEX IF NOT EXISTS distinct_counts_oldest ON distinct_counts (oldest);
+-- the members of one set that left its window: what the kept count must discount, and what the
+-- purge deletes
 CREATE INDEX IF NOT EXISTS distinct_members_key_expires ON distinct_members (key, expires);
 -- recipient flags (gateway.policy.flags): each flag's live generation of members is named in
 -- flag_sets; flag_gens allocates generations (and dates builds, so an abandoned one is found)
@@ -75,9 +77,10 @@ CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
 """
 
 # The schema's version, in the file's user_version. 0: the files made before it was kept
-# (window events one row each, in a rowid table and an index). Each step below brings a file
-# from the version before to its own; a new file gets _SCHEMA at once.
-SCHEMA_VERSION = 1
+# (window events one row each, in a rowid table and an index; distinct members indexed by
+# expiry). Each step below brings a file from the version before to its own; a new file gets
+# _SCHEMA at once.
+SCHEMA_VERSION = 2
 
 
 def _statements(script: str) -> list[str]:
@@ -124,7 +127,22 @@ def _to_1(db: sqlite3.Connection) -> None:
                  "(key, n) SELECT key, n FROM window_counts_old")
 
 
-_MIGRATIONS = {1: _to_1}
+def _to_2(db: sqlite3.Connection) -> None:
+    """No index of every member by expiry (each write moved its entries: two pages a member
+    seen again): the purge finds its sets by distinct_counts.oldest and deletes through the
+    per-set (key, expires) index. Counts and earliest expiries computed afresh from the members
+    (which also gives a count to every set stored before distinct_counts)."""
+    db.execute("DROP INDEX IF EXISTS distinct_members_expires")
+    if _has_table(db, "distinct_counts"):
+        db.execute("DROP TABLE distinct_counts")
+    db.execute("CREATE TABLE distinct_counts (key TEXT PRIMARY KEY, n INTEGER NOT NULL, "
+               "oldest REAL NOT NULL) WITHOUT ROWID")
+    if _has_table(db, "distinct_members"):
+        db.execute("INSERT INTO distinct_counts (key, n, oldest) SELECT key, count(*), "
+                   "min(expires) FROM distinct_members GROUP BY key")
+
+
+_MIGRATIONS = {1: _to_1, 2: _to_2}
 
 
 def set_up(db: sqlite3.Connection) -> None:
@@ -545,21 +563,23 @@ class SQLiteStore:
     # count is the kept one less those. Every write keeps it exact in its own transaction (two
     # gateway processes on one file included): a member stored for the first time adds one, a
     # purge subtracts what it deleted from each set; re-seeing a member, expired or not, changes
-    # no row count.
+    # no row count. Beside it, ``oldest``: no later than the set's earliest expiry (a member
+    # seen again only moves its own expiry later), so the purge visits the sets it may have
+    # work in, through an index, however many sets there are.
     PURGE_EVERY = 10.0
 
     def _purge_distinct(self, db: sqlite3.Connection, now: float) -> None:
-        # (by the expires index: grouping by key would otherwise walk every member in order)
-        gone = db.execute("SELECT key, count(*) FROM distinct_members INDEXED BY "
-                          "distinct_members_expires WHERE expires <= ? GROUP BY key",
-                          (now,)).fetchall()
-        if not gone:
-            return
-        db.execute("DELETE FROM distinct_members WHERE expires <= ?", (now,))
-        db.executemany("UPDATE distinct_counts SET n = n - ? WHERE key = ?",
-                       [(n, key) for key, n in gone])
-        db.executemany("DELETE FROM distinct_counts WHERE key = ? AND n <= 0",
-                       [(key,) for key, _ in gone])
+        for (key,) in db.execute("SELECT key FROM distinct_counts WHERE oldest <= ?",
+                                 (now,)).fetchall():
+            gone = db.execute("DELETE FROM distinct_members WHERE key = ? AND expires <= ?",
+                              (key, now)).rowcount
+            (oldest,) = db.execute("SELECT min(expires) FROM distinct_members WHERE key = ?",
+                                   (key,)).fetchone()
+            if oldest is None:  # nothing left: no count row
+                db.execute("DELETE FROM distinct_counts WHERE key = ?", (key,))
+            else:
+                db.execute("UPDATE distinct_counts SET n = n - ?, oldest = ? WHERE key = ?",
+                           (gone, oldest, key))
 
     def _count_distinct(self, key: str, members: list[str], window: float,
                         limit: int | None, now: float,
@@ -570,19 +590,15 @@ class SQLiteStore:
             if now - self._purged >= self.PURGE_EVERY:
                 self._purge_distinct(db, now)
                 self._purged = now
-            row, expired = db.execute(
-                "SELECT (SELECT n FROM distinct_counts WHERE key = ?), (SELECT count(*) FROM "
-                "distinct_members WHERE key = ? AND expires <= ?)", (key, key, now)).fetchone()
-            if row is None:  # a new set (one probe), or one stored before distinct_counts
-                (rows,) = db.execute("SELECT count(*) FROM distinct_members WHERE key = ?",
-                                     (key,)).fetchone()
-                stored = rows != 0
-            else:
-                rows, stored = row, False
+            # (no count row: the set has no members, stored or expired)
+            row = db.execute(
+                "SELECT n, oldest, (SELECT count(*) FROM distinct_members WHERE key = ?1 AND "
+                "expires <= ?2) FROM distinct_counts WHERE key = ?1", (key, now)).fetchone()
+            rows, oldest, expired = row if row is not None else (0, None, 0)
             count = rows - expired
             wanted = list(dict.fromkeys(members))
             present: dict[str, float] = {}  # this message's members stored already (live or not)
-            for i in range(0, len(wanted), 500):
+            for i in range(0, len(wanted) if rows else 0, 500):
                 chunk = wanted[i:i + 500]
                 marks = ",".join("?" * len(chunk))
                 present.update(db.execute(
@@ -603,9 +619,15 @@ class SQLiteStore:
                            " ON CONFLICT (key, member) DO UPDATE SET expires = excluded.expires",
                            [v for m in chunk for v in (key, m, expires)])
             added = sum(1 for m in new if m not in present)
-            if added or (row is None and stored):
-                db.execute("INSERT OR REPLACE INTO distinct_counts (key, n) VALUES (?, ?)",
-                           (key, rows + added))
+            if row is None:
+                if written:
+                    db.execute("INSERT INTO distinct_counts (key, n, oldest) VALUES (?, ?, ?)",
+                               (key, added, expires))
+            elif written and expires < oldest:  # (a window shorter than before)
+                db.execute("UPDATE distinct_counts SET n = ?, oldest = ? WHERE key = ?",
+                           (rows + added, expires, key))
+            elif added:  # (oldest left out: its index is not touched)
+                db.execute("UPDATE distinct_counts SET n = ? WHERE key = ?", (rows + added, key))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
