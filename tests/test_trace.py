@@ -165,3 +165,24 @@ def test_records_are_written_in_batches(gateways, sink, logs):
         found = trace_cmd(conf, "--queue-id", qid, "--json")
         assert found.returncode == 0, found.stderr
         assert json.loads(found.stdout)[0]["queue_id"] == qid
+
+
+def test_hour_index_formatted_once_an_hour_is_the_records_own():
+    """The sender index's hour (trace:s:<sender>:<YYYYMMDDHH>:<queue id>) is formatted once an
+    hour, not once a record: for any sequence of record times, the hour of each."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gateway.infra.clock import FakeClock
+    from gateway.ops.trace import TraceStore, _hour
+    from gateway.state.memory import MemoryStore
+
+    trace = TraceStore(MemoryStore(FakeClock()), b"k" * 32, FakeClock(), days=1)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.floats(min_value=0, max_value=4e9, allow_nan=False), max_size=30))
+    def check(times):
+        for ts in times:
+            assert trace._hour_of(ts) == _hour(ts)
+
+    check()

@@ -164,14 +164,26 @@ class SenderAuth(Check):
         mail_domain = ctx.mail_from.rpartition("@")[2].lower()
         mailfrom = self._memo("mailfrom", ip, mail_domain)
         helo = self._memo("helo", ip, ctx.helo.lower()) if s.check_helo else None
-        jobs = [verified(ctx, self.deps, self.dkim), discover(resolver, author, self.aligner)]
+        jobs = [discover(resolver, author, self.aligner)]
         if mailfrom is None:
             jobs.append(check_spf(resolver, ip, ctx.mail_from, ctx.helo, "mailfrom", receiver,
                                   now, s.spf_time_limit))
         if s.check_helo and helo is None:
             jobs.append(check_spf(resolver, ip, ctx.mail_from, ctx.helo, "helo", receiver, now,
                                   s.spf_time_limit))
-        signatures, found, *spf_done = await asyncio.gather(*jobs)
+        # the look-ups run concurrently with the DKIM verification, which runs in this task: a
+        # task less than gathering all (a gather of one job is its task; SPF, once remembered,
+        # is seldom a job)
+        loop = asyncio.get_running_loop()
+        others = (loop.create_task(jobs[0]) if len(jobs) == 1
+                  else asyncio.gather(*jobs))
+        try:
+            signatures = await verified(ctx, self.deps, self.dkim)
+        except BaseException:
+            others.cancel()
+            raise
+        done = await others
+        found, *spf_done = [done] if len(jobs) == 1 else done
         if mailfrom is None:
             mailfrom = spf_done.pop(0)
             if mailfrom.per_domain:

@@ -71,6 +71,7 @@ class TraceStore:
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()  # a record queued, or a flush asked for
         self._flushing = 0
+        self._hour_cached: tuple[float, str] = (-1.0, "")  # see _hour_of
 
     # --- recording ------------------------------------------------------------------------
 
@@ -105,10 +106,17 @@ class TraceStore:
             if self.metrics is not None:
                 self.metrics.trace_dropped.inc()
 
+    def _hour_of(self, ts: float) -> str:
+        """``_hour(ts)``, formatted once an hour rather than once a record."""
+        start = ts - ts % 3600
+        if self._hour_cached[0] != start:
+            self._hour_cached = (start, _hour(start))
+        return self._hour_cached[1]
+
     def _rows(self, rec: dict) -> list[tuple[str, bytes, float]]:
         ttl, qid = self.ttl, rec["queue_id"]
         rows = [(f"trace:q:{qid}", json.dumps(rec, separators=(",", ":")).encode(), ttl),
-                (f"trace:s:{rec['sender'] or '-'}:{_hour(rec['at'])}:{qid}", b"", ttl)]
+                (f"trace:s:{rec['sender'] or '-'}:{self._hour_of(rec['at'])}:{qid}", b"", ttl)]
         if rec["message_id"]:
             rows.append((f"trace:m:{message_id_key(rec['message_id'])}:{qid}", b"", ttl))
         return rows
