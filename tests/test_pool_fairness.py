@@ -138,3 +138,26 @@ def test_outside_a_transaction_the_session_timeout_applies(gateways, sink):
     assert c.cmd(b"NOOP") == b"250 2.0.0 OK\r\n"  # still open, well after 0.5 s
     c.close()
     idle.close()
+
+
+def test_session_timeout_counts_from_the_last_command(gateways, sink):
+    """The session timeout is re-armed by every command (its timer only moves its deadline,
+    see GatewaySMTP._reset_timeout): a session busy for longer than the timeout stays open, and
+    one silent for the timeout is closed."""
+    gw = gateways.start(f"""
+    [server]
+    listen = ["127.0.0.1:0"]
+    hostname = "gw.test"
+    timeout = 0.6
+    [upstream]
+    url = "{sink.url}"
+    """)
+    c = RawSMTP(gw.port, timeout=10)
+    began = time.monotonic()
+    while time.monotonic() - began < 1.5:  # well past the first deadline, never silent 0.6 s
+        sent = time.monotonic()
+        assert c.cmd(b"NOOP") == b"250 2.0.0 OK\r\n"
+        time.sleep(0.15)
+    assert c.closed()  # EOF once silent for the timeout after the last command
+    assert 0.55 <= time.monotonic() - sent < 5
+    c.close()
