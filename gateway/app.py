@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import ssl
 import weakref
@@ -17,7 +18,7 @@ from gateway.message.arc import ArcKeyError, ArcSealer
 from gateway.ops import audit
 from gateway.ops.audit import api_tokens
 from gateway.checks import CHECKS
-from gateway.infra.event_loop import running_loop_name
+from gateway.infra.event_loop import running_loop_name, tune_gc
 from gateway.checks.base import Deps
 from gateway.checks.pipeline import Pipeline
 from gateway.infra.clock import Clock, SystemClock
@@ -246,7 +247,8 @@ class Gateway:
                  admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
                  upstream=self.upstream.description if self.upstream is not None else None,
                  state=self.config.state.url,
-                 senders=len(self.registry), event_loop=running_loop_name())
+                 senders=len(self.registry), event_loop=running_loop_name(),
+                 gc_threshold=list(gc.get_threshold()))
         if self.config.server.event_loop not in ("auto", running_loop_name()):
             log.warning("event_loop_unavailable", configured=self.config.server.event_loop,
                         running=running_loop_name(),
@@ -359,6 +361,7 @@ async def serve(config: Config) -> None:
 
         log_file = LogFile(config.path(config.logging.file))
         configure_logging(config.logging.level, config.logging.format, log_file, serving=True)
+    tune_gc()  # the process's, so only here (the tests' in-process gateways keep theirs)
     gateway = None
     try:
         gateway = Gateway(config, registry, log_file=log_file)

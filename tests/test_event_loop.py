@@ -59,6 +59,8 @@ def test_serve_on_the_configured_event_loop(tmp_path, sink, event_loop):
                if line.get("event") == "started"]
     assert [line["event_loop"] for line in started] == [
         "uvloop" if event_loop == "auto" else event_loop]
+    # the young generation is collected every 10,000 allocations (gateway.infra.event_loop)
+    assert [line["gc_threshold"][0] for line in started] == [10_000]
     assert not [line for line in map(json.loads, out.decode().splitlines())
                 if line.get("event") == "event_loop_unavailable"]
 
