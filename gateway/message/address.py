@@ -4,6 +4,9 @@ aiosmtpd parses paths leniently (it drops source routes, accepts address literal
 not. What is refused here is refused with a reason that the RCPT reply can name:
 source routes ``@a:b@c``, the ``%`` hack, ``!`` paths, quoted local parts hiding ``@``,
 address literals ``[192.0.2.1]``, and anything that is not ``local@domain`` with an LDH domain.
+
+Also :func:`plain_header_address`: the address of a plain From:-like header value, without the
+stdlib's address parser, for the values that parser reads verbatim.
 """
 
 from __future__ import annotations
@@ -15,6 +18,23 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+# A header value (From:, ...) that the stdlib's address parsers (email.utils.parseaddr and
+# getaddresses) read as exactly one address, its addr-spec verbatim: ``Name Words <addr>`` (a
+# display name of ASCII letters and digits only) or a bare ``addr``, the addr-spec a dot-atom
+# "@" dot-atom, blanks only around it (tests/test_campaign_keys.py pins the equality).
+_PLAIN_ADDR_SPEC = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@{_ATEXT}+(?:\.{_ATEXT}+)*"
+PLAIN_HEADER_ADDRESS = re.compile(
+    rf"[ \t]*(?:(?:[A-Za-z0-9]+(?:[ \t]+[A-Za-z0-9]+)*[ \t]*)?<({_PLAIN_ADDR_SPEC})>"
+    rf"|({_PLAIN_ADDR_SPEC}))[ \t]*\Z")
+
+
+def plain_header_address(value: str) -> str | None:
+    """The one address of a header ``value`` that the stdlib's parsers read as exactly that
+    address (see PLAIN_HEADER_ADDRESS), or None: then ask them."""
+    m = PLAIN_HEADER_ADDRESS.match(value)
+    return None if m is None else m.group(1) or m.group(2)
 
 
 class AddressError(ValueError):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from email.message import Message
 
 from gateway.infra.clock import Clock
+from gateway.message.address import plain_header_address
 from gateway.state import Store
 
 _SHOWN = 60  # characters of a campaign identifier shown in replies and logs
@@ -90,17 +91,27 @@ def normalized_subject(message: Message | None) -> str:
     raw = message.get("Subject") if message is not None else None
     if raw is None:
         return ""
-    try:
-        text = str(email.header.make_header(email.header.decode_header(str(raw))))
-    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
-        text = str(raw)
+    text = str(raw)
+    # ASCII without "=?" holds no encoded word: decode_header gives it back as one unencoded
+    # chunk, and make_header's str() of that is the text itself
+    if not text.isascii() or "=?" in text:
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+            text = str(raw)
     text = unicodedata.normalize("NFKC", text).casefold()
     return " ".join(_REPLY_PREFIX.sub("", " ".join(text.split())).split())
 
 
 def from_address(message: Message | None) -> str:
+    """The From: address as parseaddr reads it, lower-cased (part of the stored campaign keys:
+    any change here must keep them byte-identical; tests/test_campaign_keys.py)."""
     raw = message.get("From") if message is not None else None
-    return email.utils.parseaddr(str(raw))[1].lower() if raw is not None else ""
+    if raw is None:
+        return ""
+    text = str(raw)
+    plain = plain_header_address(text)  # most From: values: no parse needed
+    return (plain if plain is not None else email.utils.parseaddr(text)[1]).lower()
 
 
 @dataclass(frozen=True)
