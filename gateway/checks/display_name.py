@@ -26,6 +26,7 @@ from email import quoprimime
 from gateway.checks.base import ACCEPT, Check, Context, Stage, Verdict, reject
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
+_BETWEEN_WORDS = re.compile(r"(?<=\?=)\s+(?==\?)")
 _ATOM = r"[^\s<>()\[\]\",;:@\\]+"
 _ADDRESS = re.compile(rf"{_ATOM}@{_ATOM}(?:\.{_ATOM})+")
 _ANGLE_ADDR = re.compile(r"<([^<>]*@[^<>]*)>")
@@ -56,9 +57,10 @@ def shown_text(value: bytes) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
-    # adjacent encoded words are one text (RFC 2047 6.2): the white space between them goes
-    text = re.sub(r"(?<=\?=)\s+(?==\?)", "", text)
-    return unicodedata.normalize("NFKC", _ENCODED_WORD.sub(_decode_word, text))
+    if "=?" in text:  # (neither expression matches without one)
+        # adjacent encoded words are one text (RFC 2047 6.2): the white space between them goes
+        text = _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub("", text))
+    return unicodedata.normalize("NFKC", text)
 
 
 def _printable(text: str) -> str:
