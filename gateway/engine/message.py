@@ -56,7 +56,9 @@ def _from_fields(content: bytes, end: int, fields: tuple[Field, ...]) -> Message
     split fields (compat32's header_source_parse: the value after the colon, leading blanks of
     its first line and the final line break dropped, folds kept), or None when the fields are
     not exactly that block."""
-    if b"".join(f.raw for f in fields) != content[:end + 2]:
+    # (Field.raw of each, without the property's call)
+    if b"".join([f.name.encode("ascii") + b":" + f.value + b"\r\n" for f in fields]) \
+            != content[:end + 2]:
         return None
     msg = IndexedMessage(policy=compat32)
     msg.set_raw_fields([(f.name, f.value.decode("ascii", "surrogateescape").lstrip(" \t")
@@ -69,7 +71,7 @@ def message_id(ctx: Context) -> str:
     """The Message-ID for the log: from the canonical header fields, or (a message refused
     before they were split) found in the raw header block."""
     for f in ctx.header_fields:
-        if f.is_("Message-ID"):
+        if f.name.lower() == "message-id":  # (Field.is_, without lower-casing the constant)
             return f.value.replace(b"\r\n", b"").decode("utf-8", "replace").strip()[:200]
     if ctx.header_fields:
         return ""

@@ -124,7 +124,10 @@ def check_field(name: str | bytes, value: bytes, eol: bytes = CRLF) -> None:
 
 def check_unique(names: Iterable[str]) -> None:
     """HeaderError (naming the field) when a field that may occur at most once occurs twice."""
-    counts = Counter(n.lower() for n in names)
+    lowered = [n.lower() for n in names]
+    if len(set(lowered)) == len(lowered):
+        return  # no name twice (most messages)
+    counts = Counter(lowered)
     for lower, proper in _SINGLE.items():
         if counts[lower] > 1:
             raise HeaderError(f"The message has {counts[lower]} {proper} fields; at most one is "

@@ -29,7 +29,10 @@ def refusal(error: HeaderError) -> Verdict:
 
 
 def loop_problem(fields: tuple[Field, ...], max_received: int) -> HeaderError | None:
-    hops = count((f.name for f in fields), "Received")
+    return _loop_problem(count((f.name for f in fields), "Received"), max_received)
+
+
+def _loop_problem(hops: int, max_received: int) -> HeaderError | None:
     if hops >= max_received:
         return HeaderError(f"Too many Received fields ({hops}, at most {max_received - 1}): "
                            "mail loop (RFC 5321 6.3)", "mail_loop", 554, "5.4.6")
@@ -49,17 +52,16 @@ def admit(content: bytes, *, hostname: str, max_received: int) -> Admitted | Ver
     """The canonical message, or the refusal (a Verdict) when there is none."""
     try:
         block = split(content)
-        check_unique(f.name for f in block.fields)
+        names = [f.name.lower() for f in block.fields]  # once, for the three looks below
+        check_unique(names)
         check_body(block.body)
     except HeaderError as exc:
         return refusal(exc)
-    problem = loop_problem(block.fields, max_received)
+    problem = _loop_problem(names.count("received"), max_received)
     if problem is not None:
         return refusal(problem)
     # (a field's unfolded value is made only for an Authentication-Results field)
-    ar = HEADER.lower()
-    kept = without(block, [claims(hostname)]) if any(f.name.lower() == ar
-                                                     for f in block.fields) else block
+    kept = without(block, [claims(hostname)]) if HEADER.lower() in names else block
     if kept is block:
         return Admitted(content, block.fields)
     return Admitted(kept.assemble(), kept.fields)
