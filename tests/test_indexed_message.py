@@ -83,7 +83,8 @@ def test_another_policy_goes_through_its_header_fetch_parse():
               ("subject", "second")]
     plain, indexed = pair(fields, policy=SMTP)
     assert [str(v) for v in indexed.get_all("SUBJECT")] == ["café", "second"]
-    assert type(indexed.get("to")).__name__ == type(plain.get("to")).__name__ == "_UniqueAddressHeader"
+    kinds = {type(indexed.get("to")).__name__, type(plain.get("to")).__name__}
+    assert kinds == {"_UniqueAddressHeader"}  # (the registry makes a new class each time)
     assert ([(str(indexed.get(q)), [str(v) for v in indexed.get_all(q, [])]) for q in QUERIES]
             == [(str(plain.get(q)), [str(v) for v in plain.get_all(q, [])]) for q in QUERIES])
 
