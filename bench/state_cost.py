@@ -18,7 +18,8 @@ advances 5 ms a message (200 messages a second):
   warm-up round; campaigns and recipients are hashes, as the gateway keys them (so a new
   member lands anywhere in its set's B-tree);
 * each message: ``peek`` and ``acquire`` with two limits (the sender's, a 1 s window, and its
-  recipients', a 60 s window costing ``--recipients``; both too high to bind), then
+  recipients', a 60 s window costing ``--recipients``; both too high to bind; or with
+  ``--senders N``, N senders in turn, each under 30 a minute, windows of 60 s), then
   ``count_distinct_and_get`` of ``--recipients`` recipients for the campaign, in one of two
   audiences: ``cycle`` (as bench/cost.py sends: one campaign, recipients taken in turn from
   1,000, so each is seen again) or ``fresh`` (every recipient new, campaigns of 1,000 one
@@ -74,6 +75,9 @@ def measure(args) -> int:
             return clock.now().timestamp()
 
         def limits(sender: str) -> list[Limit]:
+            if args.senders > 1:  # the policy's 30 a minute, each sender well under it
+                return [Limit(f"rate:{sender}:60", 30, 60.0),
+                        Limit(f"rcpt:{sender}:60", 10**6, 60.0, args.recipients)]
             return [Limit(f"rate:{sender}:1", 10**6, 1.0),
                     Limit(f"rcpt:{sender}:60", 10**6, 60.0, args.recipients)]
 
@@ -84,7 +88,7 @@ def measure(args) -> int:
             await store.acquire(limits(f"s{i:03d}"), now(), "t")
             await store.count_distinct(f"audience:{hashed(f'c{i}', 32)}:rcpt",
                                        [hashed(f"c{i}-{j}") for j in range(100)], WEEK)
-        ours = limits("bench")
+        senders = [limits(f"bench{i}") for i in range(args.senders)]
         seq = 0
 
         def recipients() -> list[str]:
@@ -101,6 +105,7 @@ def measure(args) -> int:
             # fresh: a campaign of 1,000 recipients after another (under the 15,000 limit)
             campaign = hashed("bench" if args.audience == "cycle" else f"fresh{seq // 1000}",
                               32)
+            ours = senders[seq % len(senders)]
             calls = (
                 ("peek", lambda: store.peek(ours, now())),
                 ("acquire", lambda: store.acquire(ours, now(), "t")),
@@ -182,7 +187,7 @@ def run(args) -> int:
                 cmd = [sys.executable, __file__, "_measure", "--tree", str(tree),
                        "--db", str(db), "-n", str(args.n),
                        "--rounds", str(args.rounds), "--recipients", str(args.recipients),
-                       "--audience", args.audience]
+                       "--audience", args.audience, "--senders", str(args.senders)]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
                                       check=False, env={**os.environ, "PYTHONPATH": ""})
                 if done.returncode != 0:
@@ -229,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--audience", choices=("cycle", "fresh"), default="cycle",
                         help="recipients seen again in turn from 1,000 (bench/cost.py's), "
                              "or each new (%(default)s)")
+    common.add_argument("--senders", type=int, default=1,
+                        help="senders the messages come from in turn (%(default)s: one at a "
+                             "rate that never binds, with a 1 s and a 60 s window, as "
+                             "bench/cost.py; more: each at most 30 a minute, windows of 60 s)")
     if argv[:1] == ["_measure"]:
         p = argparse.ArgumentParser(prog="state_cost.py _measure", parents=[common])
         p.add_argument("--tree", required=True)
