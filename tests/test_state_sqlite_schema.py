@@ -131,6 +131,66 @@ CREATE TABLE IF NOT EXISTS flag_members (
 CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
 """
 
+# The schema of version 2 (commit 954ce43): distinct sets' earliest expiry kept, no index of
+# every member by expiry; rate counts still in their own table.
+V2_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    expires REAL
+);
+-- rate windows: the n events recorded under key at time at (one row an instant, whatever the
+-- admission's cost), in one B-tree ordered as a window is read and pruned
+CREATE TABLE IF NOT EXISTS window_events (
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (key, at)
+) WITHOUT ROWID;
+-- each key's event count (events that left its window and are not pruned yet included)
+CREATE TABLE IF NOT EXISTS window_counts (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS distinct_members (
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (key, member)
+) WITHOUT ROWID;
+-- each distinct set's row count (expired members not purged yet included) and a time no later
+-- than its earliest expiry, kept beside its members by every write (see _count_distinct): a set
+-- has a row here exactly when it has members; the purge finds the sets it has work in by oldest
+CREATE TABLE IF NOT EXISTS distinct_counts (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL,
+    oldest REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS distinct_counts_oldest ON distinct_counts (oldest);
+-- the members of one set that left its window: what the kept count must discount, and what the
+-- purge deletes
+CREATE INDEX IF NOT EXISTS distinct_members_key_expires ON distinct_members (key, expires);
+-- recipient flags (gateway.policy.flags): each flag's live generation of members is named in
+-- flag_sets; flag_gens allocates generations (and dates builds, so an abandoned one is found)
+CREATE TABLE IF NOT EXISTS flag_gens (
+    gen INTEGER PRIMARY KEY AUTOINCREMENT,
+    flag TEXT NOT NULL,
+    started REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flag_sets (
+    flag TEXT PRIMARY KEY,
+    gen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flag_sets_gen ON flag_sets (gen);
+-- member first: a look-up is one probe per recipient, whatever the number of sets
+CREATE TABLE IF NOT EXISTS flag_members (
+    member TEXT NOT NULL,
+    gen INTEGER NOT NULL,
+    PRIMARY KEY (member, gen)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
+"""
+
 def schema_of(path: Path) -> tuple[int, list[tuple]]:
     """The file's user_version and the shape of its tables and indexes (columns, types, keys,
     WITHOUT ROWID, indexed columns): what a migrated file must have exactly as a new one has."""
@@ -156,10 +216,10 @@ def old_file(path: Path, now: float, version: int = 0) -> None:
     """A file of ``version`` as its code left it: rate events (two at one instant, and one
     that has left a 60 s window), kept counts, a key, and audience sets: "c" with its count
     (three members, one expired), "pre" stored before distinct_counts (no count row; two
-    members, one expired)."""
+    members, one expired; from version 2 on every set has its count)."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
-    db.executescript(V0_SCHEMA if version == 0 else V1_SCHEMA)
+    db.executescript({0: V0_SCHEMA, 1: V1_SCHEMA, 2: V2_SCHEMA}[version])
     db.execute(f"PRAGMA user_version = {version}")
     events = [("rate:acme:60", now - 70), ("rate:acme:60", now - 30), ("rate:acme:60", now - 30),
               ("rate:acme:60", now - 10), ("rate:beta:60", now - 5)]
@@ -175,11 +235,15 @@ def old_file(path: Path, now: float, version: int = 0) -> None:
     db.executemany("INSERT INTO distinct_members (key, member, expires) VALUES (?, ?, ?)",
                    [("c", "m1", now + 50), ("c", "m2", now - 5), ("c", "m3", now + 20),
                     ("pre", "p1", now - 1), ("pre", "p2", now + 300)])
-    db.execute("INSERT INTO distinct_counts (key, n) VALUES ('c', 3)")
+    if version < 2:
+        db.execute("INSERT INTO distinct_counts (key, n) VALUES ('c', 3)")
+    else:  # (every set counted, with its earliest expiry)
+        db.executemany("INSERT INTO distinct_counts (key, n, oldest) VALUES (?, ?, ?)",
+                       [("c", 3, now - 5), ("pre", 2, now - 1)])
     db.close()
 
 
-@pytest.mark.parametrize("version", [0, 1])
+@pytest.mark.parametrize("version", [0, 1, 2])
 async def test_an_old_file_is_migrated_once_and_answers_as_before(tmp_path, version):
     clock = FakeClock()
     now = clock.now().timestamp()
@@ -221,7 +285,8 @@ async def test_an_old_file_is_migrated_once_and_answers_as_before(tmp_path, vers
     await again.close()
     db = sqlite3.connect(tmp_path / "old.sqlite3")
     assert db.execute("SELECT at - ?, n FROM window_events WHERE key = 'rate:acme:60' "
-                      "ORDER BY at", (now,)).fetchall() == [(-30.0, 2), (-10.0, 1), (0.0, 1)]
+                      "ORDER BY at", (now,)).fetchall() == [(float("-inf"), 4), (-30.0, 2),
+                                                           (-10.0, 1), (0.0, 1)]  # (the count)
     assert db.execute("SELECT key, member FROM distinct_members ORDER BY key, member"
                       ).fetchall() == [("c", "m2"), ("c", "m4"), ("pre", "p1"), ("pre", "p2")]
     assert db.execute("SELECT key, n, oldest - ? FROM distinct_counts ORDER BY key",
@@ -275,7 +340,11 @@ async def test_two_processes_starting_on_an_old_file_migrate_it_once(tmp_path):
     for store in stores:
         await store.close()
     db = sqlite3.connect(tmp_path / "old.sqlite3")
-    assert db.execute("SELECT sum(n) FROM window_events").fetchone() == (5,)
+    assert db.execute("SELECT sum(n) FROM window_events WHERE at > ?",
+                      (sqlite_state.COUNT_AT,)).fetchone() == (5,)
+    assert db.execute("SELECT key, n FROM window_events WHERE at = ? ORDER BY key",
+                      (sqlite_state.COUNT_AT,)).fetchall() == [("rate:acme:60", 4),
+                                                              ("rate:beta:60", 1)]
     db.close()
 
 
@@ -287,12 +356,25 @@ _RATE_STEPS = st.lists(st.one_of(
                        min_size=1, max_size=3, unique_by=lambda t: t[0]))), max_size=40)
 
 
+def assert_rate_counts_exact(path: Path) -> None:
+    """Each key's count row (at COUNT_AT) is the number of its stored events (those not pruned
+    yet included); a key without events has none, or 0."""
+    db = sqlite3.connect(path)
+    at = sqlite_state.COUNT_AT
+    events = dict(db.execute("SELECT key, sum(n) FROM window_events WHERE at > ? GROUP BY key",
+                             (at,)))
+    kept = dict(db.execute("SELECT key, n FROM window_events WHERE at = ?", (at,)))
+    db.close()
+    assert {k: n for k, n in kept.items() if n} == events
+
+
 @settings(max_examples=80, deadline=None)
 @given(steps=_RATE_STEPS)
 def test_sqlite_rate_windows_answer_as_the_memory_store_does(steps):
     """Random admissions and looks (several at one instant, costs above one, up to three
     limits, windows of 10 and 30 s): SQLite's answers (wait, limit, used) are the memory
-    store's, whose windows are plain sorted lists of event times."""
+    store's, whose windows are plain sorted lists of event times, and its kept counts stay
+    exact."""
 
     async def run(base: Path) -> None:
         clock = FakeClock()
@@ -314,6 +396,7 @@ def test_sqlite_rate_windows_answer_as_the_memory_store_does(steps):
                     got = await sqlite_store.peek(limits, now)
                 assert got.limit == want.limit and got.used == want.used, step
                 assert got.wait == pytest.approx(want.wait), step
+                assert_rate_counts_exact(base / "s.sqlite3")
         finally:
             await sqlite_store.close()
 

@@ -25,17 +25,14 @@ CREATE TABLE IF NOT EXISTS kv (
     expires REAL
 );
 -- rate windows: the n events recorded under key at time at (one row an instant, whatever the
--- admission's cost), in one B-tree ordered as a window is read and pruned
+-- admission's cost), in one B-tree ordered as a window is read and pruned; the key's row at
+-- -inf (COUNT_AT) holds its event count (events that left its window and are not pruned yet
+-- included), on the page of its first events
 CREATE TABLE IF NOT EXISTS window_events (
     key TEXT NOT NULL,
     at REAL NOT NULL,
     n INTEGER NOT NULL,
     PRIMARY KEY (key, at)
-) WITHOUT ROWID;
--- each key's event count (events that left its window and are not pruned yet included)
-CREATE TABLE IF NOT EXISTS window_counts (
-    key TEXT PRIMARY KEY,
-    n INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS distinct_members (
     key TEXT NOT NULL,
@@ -80,7 +77,8 @@ CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
 # (window events one row each, in a rowid table and an index; distinct members indexed by
 # expiry). Each step below brings a file from the version before to its own; a new file gets
 # _SCHEMA at once.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+COUNT_AT = float("-inf")  # a rate window's row holding its key's event count
 
 
 def _statements(script: str) -> list[str]:
@@ -142,7 +140,16 @@ def _to_2(db: sqlite3.Connection) -> None:
                    "min(expires) FROM distinct_members GROUP BY key")
 
 
-_MIGRATIONS = {1: _to_1, 2: _to_2}
+def _to_3(db: sqlite3.Connection) -> None:
+    """Each key's event count moved into its window, as the row at COUNT_AT: an admission
+    writes one page a key (its events and its count), not two."""
+    if _has_table(db, "window_counts"):
+        db.execute("INSERT INTO window_events (key, at, n) SELECT key, ?, n FROM window_counts",
+                   (COUNT_AT,))
+        db.execute("DROP TABLE window_counts")
+
+
+_MIGRATIONS = {1: _to_1, 2: _to_2, 3: _to_3}
 
 
 def set_up(db: sqlite3.Connection) -> None:
@@ -317,10 +324,11 @@ class SQLiteStore:
     async def scan(self, prefix: str) -> dict[str, bytes]:
         return await self._run(self._scan, prefix, self._now())
 
-    # A key's window: its kept event count (window_counts) less the events at or before the
-    # window's start (pruned by the next admission), each in one probe however full the window
-    _KEPT_AND_GONE = ("SELECT (SELECT n FROM window_counts WHERE key = ?), (SELECT "
-                      "coalesce(sum(n), 0) FROM window_events WHERE key = ? AND at <= ?)")
+    # A key's window: its kept event count, in the key's row at -inf (beside its events, on
+    # their page), less the events at or before the window's start (pruned by the next
+    # admission): one range read however full the window
+    _KEPT_AND_GONE = ("SELECT sum(CASE WHEN at = ?2 THEN n END), coalesce(sum(CASE WHEN at > ?2 "
+                      "THEN n END), 0) FROM window_events WHERE key = ?1 AND at <= ?3")
     # the time of the excess-th oldest event in the window (rows hold n events each)
     _NTH_OLDEST = ("SELECT at FROM (SELECT at, sum(n) OVER (ORDER BY at) AS upto FROM "
                    "window_events WHERE key = ? AND at > ?) WHERE upto >= ? LIMIT 1")
@@ -335,10 +343,11 @@ class SQLiteStore:
                 # each key's event count is kept beside its events, so a decision costs the
                 # same however full the window is: prune what left it, adjust the count
                 since = now - window
-                kept, gone = db.execute(self._KEPT_AND_GONE, (key, key, since)).fetchone()
+                kept, gone = db.execute(self._KEPT_AND_GONE,
+                                        (key, COUNT_AT, since)).fetchone()
                 if gone:
-                    db.execute("DELETE FROM window_events WHERE key = ? AND at <= ?",
-                               (key, since))
+                    db.execute("DELETE FROM window_events WHERE key = ? AND at > ? AND at <= ?",
+                               (key, COUNT_AT, since))
                 n = max((kept or 0) - gone, 0)
                 counts.append(n)
                 changed.append(n != (kept or 0))
@@ -353,10 +362,10 @@ class SQLiteStore:
                 db.executemany("INSERT INTO window_events (key, at, n) VALUES (?, ?, ?) "
                                "ON CONFLICT (key, at) DO UPDATE SET n = n + excluded.n",
                                [(lim.key, now, lim.cost) for lim in limits if lim.cost])
-            # (a count that did not move is not written: a page less to log)
-            db.executemany("INSERT INTO window_counts (key, n) VALUES (?, ?) "
-                           "ON CONFLICT (key) DO UPDATE SET n = excluded.n",
-                           [(lim.key, n + (lim.cost if admitted else 0))
+            # (a count that did not move is not written)
+            db.executemany("INSERT INTO window_events (key, at, n) VALUES (?, ?, ?) "
+                           "ON CONFLICT (key, at) DO UPDATE SET n = excluded.n",
+                           [(lim.key, COUNT_AT, n + (lim.cost if admitted else 0))
                             for lim, n, moved in zip(limits, counts, changed)
                             if moved or (admitted and lim.cost)])
             db.execute("COMMIT")
@@ -378,7 +387,8 @@ class SQLiteStore:
                 # the kept count, less the events that left the window but are not pruned yet
                 # (an acquire prunes them): a few index probes, however full the window
                 since = now - window
-                kept, gone = db.execute(self._KEPT_AND_GONE, (key, key, since)).fetchone()
+                kept, gone = db.execute(self._KEPT_AND_GONE,
+                                        (key, COUNT_AT, since)).fetchone()
                 n = max((kept or 0) - gone, 0)
                 if i == 0:
                     first = n
