@@ -295,3 +295,36 @@ def test_canonicalized_once_hashes_what_dkimpy_hashes(fields, sig_pieces, body_p
 
     assert hashed(*_canonical_once(tags, headers, sig_header, body)) == \
         hashed(tags, headers, sig_header, body)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(st.sampled_from(["Acme News <news@em.acme.example>", "news@acme.example",
+                                  " a b <x.y@ACME.example.> ", "<n@acme.example>",
+                                  "a@b.example, c@d.example", "Name <a@b.example> x"]),
+                 st.text(alphabet="ab01 \t<>@.,:;\"()[]\\é-", max_size=40)))
+def test_author_domain_as_getaddresses_reads_it(text):
+    """author_domain reads a plain From: value without the stdlib's parser: the same domain,
+    or the same refusal, as getaddresses gives."""
+    import email.utils
+
+    def reference(text):
+        addresses = [a for _, a in email.utils.getaddresses([text]) if a]
+        if len(addresses) != 1:
+            return "FromError"
+        domain = addresses[0].rpartition("@")[2].strip().rstrip(".").lower()
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "FromError"
+        return domain if valid_domain(domain) else "FromError"
+
+    from gateway.message.address import valid_domain
+
+    message = parse(f"From: {text}\n")
+    if not message.get_all("From"):
+        return
+    try:
+        found = author_domain(message)
+    except FromError:
+        found = "FromError"
+    assert found == reference(str(message.get_all("From")[0]))

@@ -12,7 +12,7 @@ from typing import Literal
 
 from publicsuffixlist import PublicSuffixList
 
-from gateway.message.address import valid_domain
+from gateway.message.address import plain_header_address, valid_domain
 
 AlignmentMode = Literal["relaxed", "strict"]
 
@@ -29,7 +29,10 @@ def author_domain(message: Message | None) -> str:
         raise FromError("Message has no From: header")
     if len(fields) > 1:
         raise FromError(f"Message has {len(fields)} From: headers; exactly one is allowed")
-    addresses = [addr for _, addr in email.utils.getaddresses([str(fields[0])]) if addr]
+    text = str(fields[0])
+    plain = plain_header_address(text)  # the usual "Name <addr>": what getaddresses reads
+    addresses = [plain] if plain is not None else [
+        addr for _, addr in email.utils.getaddresses([text]) if addr]
     if len(addresses) != 1:
         raise FromError("From: must hold exactly one address"
                         + (f" (found {len(addresses)})" if addresses else ""))
