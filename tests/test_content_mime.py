@@ -13,6 +13,8 @@ from email.policy import compat32
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.checks import attachments
 from gateway.checks.attachments import Attachments, AttachmentsSettings, inspect
@@ -286,6 +288,31 @@ def test_mutated_corpus_never_crashes(name):
 ])
 def test_parse_list_unsubscribe(value, uris):
     assert parse_list_unsubscribe(value) == uris
+
+
+def _reference_parse_list_unsubscribe(value: str):
+    """The parse as it was, all regular expressions (before the fast paths)."""
+    import re
+
+    text = re.sub(r"\([^()]*\)", " ", value.replace("\r", "").replace("\n", ""))
+    uris, pos = [], 0
+    for m in re.finditer(r"<([^<>]*)>", text):
+        if not re.fullmatch(r"[\s,]*", text[pos:m.start()]):
+            return None
+        uris.append(re.sub(r"\s+", "", m.group(1)))
+        pos = m.end()
+    if not uris or not re.fullmatch(r"[\s,]*", text[pos:]):
+        return None
+    return uris
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(["<", ">", "(", ")", ",", " ", "\t", "\r\n ", "\u2028",
+                                 "\xa0", "https://x.example/u", "mailto:a@b", "x", ";"]),
+                max_size=20))
+def test_parse_list_unsubscribe_as_the_regular_expressions_did(pieces):
+    value = "".join(pieces)
+    assert parse_list_unsubscribe(value) == _reference_parse_list_unsubscribe(value)
 
 
 @pytest.mark.parametrize("uri,scheme", [

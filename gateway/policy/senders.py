@@ -124,14 +124,14 @@ class Sender:
         object.__setattr__(self, "patterns", tuple(patterns))
         object.__setattr__(self, "patterns_rx", tuple(_pattern_rx(p) for p in patterns))
 
-    @property
+    @functools.cached_property  # (read twice a message by the rate checks; a frozen Rate)
     def own_rate(self):
         """The sender's registered rate, or None for the policy ceiling."""
         from gateway.policy.rates import Rate
 
         return Rate.parse(self.rate) if self.rate else None
 
-    @property
+    @functools.cached_property
     def own_recipient_rate(self):
         from gateway.policy.rates import Rate
 
