@@ -119,6 +119,13 @@ class SinkHandler:
         self.ehlos = 0
         self.rsets = 0
         self.tls_seen: list[bool] = []
+        # the commands ("MAIL", "RCPT", "DATA": the final dot) this upstream never answers: it
+        # hangs until the client closes the connection
+        self.stall: set[str] = set()
+
+    async def _stalled(self, command: str) -> None:
+        if command in self.stall:
+            await asyncio.Event().wait()  # cancelled when the connection closes
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.ehlos += 1
@@ -132,6 +139,7 @@ class SinkHandler:
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.mails += 1
+        await self._stalled("MAIL")
         if self.mail_reply:
             return self.mail_reply
         envelope.mail_from = address
@@ -140,6 +148,7 @@ class SinkHandler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         self.rcpt_seen.append(address)
+        await self._stalled("RCPT")
         if address in self.refuse_rcpt:
             return self.refuse_rcpt[address]
         envelope.rcpt_tos.append(address)
@@ -147,6 +156,7 @@ class SinkHandler:
 
     async def handle_DATA(self, server, session, envelope):
         self.data_tls = session.ssl is not None or server.transport.get_extra_info("sslcontext") is not None
+        await self._stalled("DATA")
         if self.data_reply:
             return self.data_reply
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),

@@ -284,3 +284,48 @@ def test_size_and_8bitmime_are_passed_on_from_the_first_message_of_a_connection(
     assert msg.mail_from == "bounce-1@em.acme.example" and msg.rcpt_tos == ["alice@example.edu"]
     assert msg.mail_options == ["BODY=8BITMIME", f"SIZE={len(MESSAGE)}"]
     assert sink.handler.ehlos == 1
+
+
+# --- campus mail that stops answering -------------------------------------------------------
+
+def _silent_at(gateways, sink, command):
+    sink.handler.stall = {command}
+    return gateways.start(f'[upstream]\nurl = "{sink.url}"\ntimeout = 1.0\npool_wait = 1.0\n')
+
+
+def test_upstream_silent_after_the_data_is_451_4_4_2_and_nothing_is_acknowledged(
+        gateways, sink, logs):
+    """Campus mail that takes the message but never answers the final dot: after [upstream]
+    timeout the vendor is told 451 (it will retry), never 250, and the connection is dropped
+    (its late reply could not be told from the next transaction's)."""
+    gw = _silent_at(gateways, sink, "DATA")
+    client, (code, text) = send(gw)
+    assert (code, text) == (451, b"4.4.2 Connection to campus mail lost; try again later")
+    client.quit()
+    assert sink.messages == []
+    [line] = logs.events("message")
+    assert (line["decision"], line["reason"], line["decided_by"]) == (
+        "defer", "upstream", "upstream")
+    sink.handler.stall = set()  # campus mail answers again: a fresh connection, 250
+    client, (code, text) = send(gw)
+    client.quit()
+    assert (code, text) == (250, b"2.0.0 Ok: queued as SINK1")
+
+
+def test_upstream_silent_at_rcpt_is_451_4_4_2_for_the_recipient(gateways, sink):
+    gw = _silent_at(gateways, sink, "RCPT")
+    client = gw.smtp()
+    assert client.mail("bounce-1@em.acme.example") == (250, b"2.1.0 Sender OK")
+    assert client.rcpt("alice@example.edu") == (
+        451, b"4.4.2 Connection to campus mail lost; try again later")
+    client.quit()
+    assert sink.messages == []
+
+
+def test_upstream_silent_at_mail_is_451_4_4_1(gateways, sink):
+    gw = _silent_at(gateways, sink, "MAIL")
+    client = gw.smtp()
+    assert client.mail("bounce-1@em.acme.example") == (
+        451, b"4.4.1 Campus mail is unavailable; try again later")
+    client.quit()
+    assert sink.messages == []
