@@ -24,6 +24,9 @@ advances 5 ms a message (200 messages a second):
   audiences: ``cycle`` (as bench/cost.py sends: one campaign, recipients taken in turn from
   1,000, so each is seen again) or ``fresh`` (every recipient new, campaigns of 1,000 one
   after another);
+* and the flag look-up (``flag_lookup``: an opt-out list of 100,000 and a bounce list of
+  10,000) and the trace's rows (``set_many``: three a record, as gateway/ops/trace.py keys
+  them, in batches of 50 records, beside 100,000 kept; each message counted its share);
 * reports process CPU time (``time.process_time``: every thread, so the worker's checkpoints
   too) per call, median over ``--rounds`` rounds of ``-n`` messages, and the write-ahead-log
   frames (pages) each write call appends, counted in an untimed round.
@@ -51,7 +54,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 WEEK = 7 * 86400.0
-CALLS = ("peek", "acquire", "audience")
+CALLS = ("peek", "acquire", "audience", "flags", "trace")
+TRACE_BATCH = 50  # records the trace writes in one set_many (200 a second, 0.25 s linger)
 
 
 def measure(args) -> int:
@@ -88,8 +92,39 @@ def measure(args) -> int:
             await store.acquire(limits(f"s{i:03d}"), now(), "t")
             await store.count_distinct(f"audience:{hashed(f'c{i}', 32)}:rcpt",
                                        [hashed(f"c{i}-{j}") for j in range(100)], WEEK)
+        # recipient flags: an opt-out list of 100,000 and a bounce list of 10,000
+        await store.flag_replace("optout", [hashed(f"opt{i}") for i in range(100000)])
+        await store.flag_replace("bounce", [hashed(f"bounce{i}") for i in range(10000)])
         senders = [limits(f"bench{i}") for i in range(args.senders)]
         seq = 0
+        pending: list[tuple[str, bytes, float]] = []  # the trace's rows not written yet
+        record = json.dumps({"pad": "x" * 900}).encode()  # about a decision record's size
+
+        traced = 0
+
+        def trace_rows() -> list[tuple[str, bytes, float]]:
+            # as gateway/ops/trace.py keys a record: its queue id (random), the sender's hour,
+            # the Message-ID's hash; kept 14 days
+            nonlocal traced
+            traced += 1
+            qid = hashed(f"q{traced}", 12).upper()
+            hour = time.strftime("%Y%m%d%H", time.gmtime(now()))
+            return [(f"trace:q:{qid}", record, 14 * 86400.0),
+                    (f"trace:s:bench:{hour}:{qid}", b"", 14 * 86400.0),
+                    (f"trace:m:{hashed(f'm{traced}', 24)}:{qid}", b"", 14 * 86400.0)]
+
+        for i in range(100):  # 100,000 records kept already (days of them, in production)
+            await store.set_many([row for _ in range(1000) for row in trace_rows()])
+
+        sent = 0  # messages
+        # the set-up's log copied into the file and emptied, as a checkpoint does in production
+        await store._run(lambda: store._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+
+        async def trace() -> None:
+            pending.extend(trace_rows())
+            if len(pending) >= 3 * TRACE_BATCH:
+                await store.set_many(pending[:])
+                pending.clear()
 
         def recipients() -> list[str]:
             nonlocal seq
@@ -105,13 +140,17 @@ def measure(args) -> int:
             # fresh: a campaign of 1,000 recipients after another (under the 15,000 limit)
             campaign = hashed("bench" if args.audience == "cycle" else f"fresh{seq // 1000}",
                               32)
-            ours = senders[seq % len(senders)]
+            nonlocal sent
+            sent += 1
+            ours = senders[sent % len(senders)]
             calls = (
                 ("peek", lambda: store.peek(ours, now())),
                 ("acquire", lambda: store.acquire(ours, now(), "t")),
                 ("audience", lambda: store.count_distinct_and_get(
                     f"audience:{campaign}:rcpt", members, WEEK, 15000,
                     f"audience:{campaign}:lists")),
+                ("flags", lambda: store.flag_lookup(["optout", "bounce"], members)),
+                ("trace", trace),
             )
             for name, call in calls:
                 if frames is not None:
@@ -209,17 +248,17 @@ def run(args) -> int:
     print(f"SQLite state calls a message ({args.recipients} recipient(s), audience "
           f"{args.audience}): CPU per call (median of {args.repeat} runs of {args.rounds} "
           f"rounds of {args.n}) and WAL frames a call; before = {spec}")
-    print(f"{'':16}" + "".join(f"{c:>14}" for c in CALLS) + f"{'total':>14}")
+    print(f"{'':16}" + "".join(f"{c:>10}" for c in CALLS) + f"{'total':>10}")
     for name in ("before", "after"):
         us = {c: median(name, "us", c) for c in CALLS}
-        print(f"{name + ' us':16}" + "".join(f"{us[c]:>14.1f}" for c in CALLS)
-              + f"{sum(us.values()):>14.1f}")
+        print(f"{name + ' us':16}" + "".join(f"{us[c]:>10.1f}" for c in CALLS)
+              + f"{sum(us.values()):>10.1f}")
     for name in ("before", "after"):
         fr = {c: median(name, "frames", c) for c in CALLS}
-        print(f"{name + ' frames':16}" + "".join(f"{fr[c]:>14.2f}" for c in CALLS)
-              + f"{sum(fr.values()):>14.2f}")
-    print(f"{'after / before':16}" + "".join(f"{ratio(c):>13.3f}x" for c in CALLS)
-          + f"{ratio(None):>13.3f}x")
+        print(f"{name + ' frames':16}" + "".join(f"{fr[c]:>10.2f}" for c in CALLS)
+              + f"{sum(fr.values()):>10.2f}")
+    print(f"{'after / before':16}" + "".join(f"{ratio(c):>9.3f}x" for c in CALLS)
+          + f"{ratio(None):>9.3f}x")
     return 0
 
 
