@@ -191,6 +191,63 @@ CREATE TABLE IF NOT EXISTS flag_members (
 CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
 """
 
+# The schema of version 3 (commit de7ef99): rate counts in their windows; kv not indexed by
+# expiry.
+V3_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    expires REAL
+);
+-- rate windows: the n events recorded under key at time at (one row an instant, whatever the
+-- admission's cost), in one B-tree ordered as a window is read and pruned; the key's row at
+-- -inf (COUNT_AT) holds its event count (events that left its window and are not pruned yet
+-- included), on the page of its first events
+CREATE TABLE IF NOT EXISTS window_events (
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (key, at)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS distinct_members (
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (key, member)
+) WITHOUT ROWID;
+-- each distinct set's row count (expired members not purged yet included) and a time no later
+-- than its earliest expiry, kept beside its members by every write (see _count_distinct): a set
+-- has a row here exactly when it has members; the purge finds the sets it has work in by oldest
+CREATE TABLE IF NOT EXISTS distinct_counts (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL,
+    oldest REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS distinct_counts_oldest ON distinct_counts (oldest);
+-- the members of one set that left its window: what the kept count must discount, and what the
+-- purge deletes
+CREATE INDEX IF NOT EXISTS distinct_members_key_expires ON distinct_members (key, expires);
+-- recipient flags (gateway.policy.flags): each flag's live generation of members is named in
+-- flag_sets; flag_gens allocates generations (and dates builds, so an abandoned one is found)
+CREATE TABLE IF NOT EXISTS flag_gens (
+    gen INTEGER PRIMARY KEY AUTOINCREMENT,
+    flag TEXT NOT NULL,
+    started REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flag_sets (
+    flag TEXT PRIMARY KEY,
+    gen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flag_sets_gen ON flag_sets (gen);
+-- member first: a look-up is one probe per recipient, whatever the number of sets
+CREATE TABLE IF NOT EXISTS flag_members (
+    member TEXT NOT NULL,
+    gen INTEGER NOT NULL,
+    PRIMARY KEY (member, gen)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flag_members_gen ON flag_members (gen);
+"""
+
 def schema_of(path: Path) -> tuple[int, list[tuple]]:
     """The file's user_version and the shape of its tables and indexes (columns, types, keys,
     WITHOUT ROWID, indexed columns): what a migrated file must have exactly as a new one has."""
@@ -214,12 +271,13 @@ def schema_of(path: Path) -> tuple[int, list[tuple]]:
 
 def old_file(path: Path, now: float, version: int = 0) -> None:
     """A file of ``version`` as its code left it: rate events (two at one instant, and one
-    that has left a 60 s window), kept counts, a key, and audience sets: "c" with its count
+    that has left a 60 s window), kept counts, keys (one without an expiry, one expired), and
+    audience sets: "c" with its count
     (three members, one expired), "pre" stored before distinct_counts (no count row; two
     members, one expired; from version 2 on every set has its count)."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
-    db.executescript({0: V0_SCHEMA, 1: V1_SCHEMA, 2: V2_SCHEMA}[version])
+    db.executescript({0: V0_SCHEMA, 1: V1_SCHEMA, 2: V2_SCHEMA, 3: V3_SCHEMA}[version])
     db.execute(f"PRAGMA user_version = {version}")
     events = [("rate:acme:60", now - 70), ("rate:acme:60", now - 30), ("rate:acme:60", now - 30),
               ("rate:acme:60", now - 10), ("rate:beta:60", now - 5)]
@@ -228,10 +286,15 @@ def old_file(path: Path, now: float, version: int = 0) -> None:
     else:
         db.executemany("INSERT INTO window_events (key, at, n) VALUES (?, ?, 1) "
                        "ON CONFLICT (key, at) DO UPDATE SET n = n + 1", events)
-    db.executemany("INSERT INTO window_counts (key, n) VALUES (?, ?)",
-                   [("rate:acme:60", 4), ("rate:beta:60", 1)])
-    db.execute("INSERT INTO kv (key, value, expires) VALUES (?, ?, NULL)",
-               ("throttle:acme", b"5/minute"))
+    counts = [("rate:acme:60", 4), ("rate:beta:60", 1)]
+    if version < 3:
+        db.executemany("INSERT INTO window_counts (key, n) VALUES (?, ?)", counts)
+    else:  # (each key's count in its window, at -inf)
+        db.executemany("INSERT INTO window_events (key, at, n) VALUES (?, ?, ?)",
+                       [(key, float("-inf"), n) for key, n in counts])
+    db.executemany("INSERT INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                   [("throttle:acme", b"5/minute", None), ("trace:q:1", b"{}", now + 30),
+                    ("trace:q:2", b"{}", now - 1)])
     db.executemany("INSERT INTO distinct_members (key, member, expires) VALUES (?, ?, ?)",
                    [("c", "m1", now + 50), ("c", "m2", now - 5), ("c", "m3", now + 20),
                     ("pre", "p1", now - 1), ("pre", "p2", now + 300)])
@@ -243,7 +306,7 @@ def old_file(path: Path, now: float, version: int = 0) -> None:
     db.close()
 
 
-@pytest.mark.parametrize("version", [0, 1, 2])
+@pytest.mark.parametrize("version", [0, 1, 2, 3])
 async def test_an_old_file_is_migrated_once_and_answers_as_before(tmp_path, version):
     clock = FakeClock()
     now = clock.now().timestamp()
@@ -266,6 +329,7 @@ async def test_an_old_file_is_migrated_once_and_answers_as_before(tmp_path, vers
     assert three.wait == pytest.approx(49.0)  # and the one at now - 10
     assert await store.peek([Limit("rate:beta:60", 1, 60.0)], now) == (pytest.approx(55.0), 0, 1)
     assert await store.get("throttle:acme") == b"5/minute"
+    assert await store.scan("trace:") == {"trace:q:1": b"{}"}
     assert await store.count_distinct("c", [], 100.0) == 2
     assert await store.count_distinct("pre", ["p1"], 100.0) == 2  # p1 had expired: new again
     assert await store.count_distinct("c", ["m2", "m4"], 100.0) == 4
@@ -282,6 +346,8 @@ async def test_an_old_file_is_migrated_once_and_answers_as_before(tmp_path, vers
     assert (await again.peek(acme, now + 1)).used == 4
     clock.advance(60)  # m1, m3 leave "c"; the purge deletes them (none from "pre")
     assert await again.count_distinct("c", [], 100.0) == 2
+    assert await again.purge_expired() == 2  # the trace's two keys; the throttle stays
+    assert await again.get("throttle:acme") == b"5/minute"
     await again.close()
     db = sqlite3.connect(tmp_path / "old.sqlite3")
     assert db.execute("SELECT at - ?, n FROM window_events WHERE key = 'rate:acme:60' "
@@ -408,3 +474,37 @@ def test_retry_after_is_the_reference_for_costs_at_one_instant():
     """(The reference the property test rests on: two events at one instant leave together.)"""
     assert retry_after([5.0, 5.0, 9.0], 3, 10.0, 10.0, cost=2) == 5.0
     assert retry_after([5.0, 5.0, 9.0], 3, 10.0, 10.0, cost=3) == 9.0
+
+
+async def test_purge_expired_reads_only_what_expired(tmp_path):
+    """The hourly purge (the trace's retention) finds expired keys through their expiry: its
+    work, in SQLite virtual machine steps, is about the same beside 5,000 live keys as beside
+    50, and it deletes exactly the expired keys (never one without an expiry)."""
+    clock = FakeClock()
+
+    async def purge_steps(live: int) -> int:
+        store = open_store(f"sqlite:s{live}.sqlite3", clock, tmp_path)
+        await store.set_many([(f"old:{i}", b"x", 10.0) for i in range(20)]
+                             + [(f"live:{i}", b"y" * 500, 3600.0) for i in range(live)]
+                             + [("forever", b"z", None)])
+        clock.advance(10)  # the 20 old keys have just expired
+        db = store._conn()  # the worker's connection, which purges
+        n = 0
+
+        def tick():
+            nonlocal n
+            n += 1
+            return 0
+
+        await store._run(db.set_progress_handler, tick, 1)
+        try:
+            assert await store.purge_expired() == 20
+        finally:
+            await store._run(db.set_progress_handler, None, 1)
+        assert len(await store.scan("live:")) == live and await store.get("forever") == b"z"
+        assert await store.scan("old:") == {}
+        await store.close()
+        return n
+
+    few, many = await purge_steps(50), await purge_steps(5000)
+    assert many <= few * 1.3, (few, many)
