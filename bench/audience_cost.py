@@ -38,6 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trees import tree_of  # noqa: E402  (bench/trees.py)
+
 HERE = Path(__file__).resolve().parent.parent
 WEEK = 7 * 86400.0
 
@@ -92,18 +95,6 @@ def before_commit() -> str:
         sys.exit("no commit introduces distinct_counts here: pass --before TREE or REV")
     return found.split()[0] + "^"
 
-
-def tree_of(spec: str, tmp: Path) -> Path:
-    """A directory holding the tree ``spec``: itself if it is a directory, else a git rev
-    extracted with git archive."""
-    if Path(spec).is_dir():
-        return Path(spec)
-    out = tmp / "before"
-    out.mkdir()
-    archive = subprocess.run(["git", "-C", str(HERE), "archive", spec, "gateway"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
-    return out
 
 
 def run(args) -> int:

@@ -36,6 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trees import tree_of  # noqa: E402  (bench/trees.py)
+
 HERE = Path(__file__).resolve().parent.parent
 DAYS = 14
 HOURS = DAYS * 24
@@ -102,16 +105,6 @@ def before_commit() -> str:
          "--", "gateway/state/sqlite.py"], capture_output=True, text=True, check=True).stdout
     return found.split()[0] + "^" if found.split() else "HEAD"
 
-
-def tree_of(spec: str, tmp: Path) -> Path:
-    if Path(spec).is_dir():
-        return Path(spec)
-    out = tmp / "before"
-    out.mkdir()
-    archive = subprocess.run(["git", "-C", str(HERE), "archive", spec, "gateway"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
-    return out
 
 
 def run(args) -> int:
