@@ -330,6 +330,25 @@ async def test_an_old_schema_file_keeps_its_counts(tmp_path):
     db.close()
 
 
+async def vm_steps(store, call):
+    """(``await call()``, the SQLite virtual machine steps it took on the connection the
+    per-message calls run on): work counted deterministically, unlike time."""
+    db = store._loop_conn()
+    n = 0
+
+    def tick():
+        nonlocal n
+        n += 1
+        return 0
+
+    db.set_progress_handler(tick, 1)
+    try:
+        result = await call()
+    finally:
+        db.set_progress_handler(None, 1)
+    return result, n
+
+
 async def test_sqlite_update_cost_does_not_grow_with_the_audience(tmp_path):
     """One update's work, counted in SQLite virtual machine steps (deterministic, unlike time),
     is about the same with 100 and with 15,000 members in the set: nothing walks the set."""
@@ -341,19 +360,7 @@ async def test_sqlite_update_cost_does_not_grow_with_the_audience(tmp_path):
     clock.advance(1)
 
     async def steps(key: str, members: list[str]) -> int:
-        db = store._loop_conn()  # the connection the per-message calls run on
-        n = 0
-
-        def tick():
-            nonlocal n
-            n += 1
-            return 0
-
-        db.set_progress_handler(tick, 1)
-        try:
-            count = await store.count_distinct(key, members, WEEK)
-        finally:
-            db.set_progress_handler(None, 1)
+        count, n = await vm_steps(store, lambda: store.count_distinct(key, members, WEEK))
         assert count == (100 if key == "small" else 15000) + 1
         return n
 
@@ -468,19 +475,8 @@ async def test_sqlite_purge_visits_only_the_sets_with_members_to_delete(tmp_path
             await store.count_distinct(f"set{s:05d}", [f"m{s}-{i}" for i in range(3)], WEEK)
         clock.advance(20)  # "short" has left its window; nothing else has
         store.PURGE_EVERY = 0.0
-        db = store._loop_conn()
-        n = 0
-
-        def tick():
-            nonlocal n
-            n += 1
-            return 0
-
-        db.set_progress_handler(tick, 1)
-        try:
-            assert await store.count_distinct("set00000", [], WEEK) == 3  # purges, then counts
-        finally:
-            db.set_progress_handler(None, 1)
+        count, n = await vm_steps(store, lambda: store.count_distinct("set00000", [], WEEK))
+        assert count == 3  # purges, then counts
         await store.close()
         db = sqlite3.connect(tmp_path / f"s{sets}.sqlite3")
         assert db.execute("SELECT count(*) FROM distinct_members WHERE key = 'short'"
