@@ -84,6 +84,14 @@ class SinkHandler:
         self.count = 0
         self.capture = capture
 
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        """PIPELINING offered, as campus mail's Postfix does (RFC 2920): aiosmtpd answers
+        pipelined commands in order but does not say so itself. A client that does not
+        pipeline (the direct load) is not affected."""
+        session.host_name = hostname
+        responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_DATA(self, server, session, envelope):
         self.count += 1
         if self.capture is not None and envelope.mail_from.startswith(SANITY_PREFIX):

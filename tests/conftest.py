@@ -122,6 +122,9 @@ class SinkHandler:
         # the commands ("MAIL", "RCPT", "DATA": the final dot) this upstream never answers: it
         # hangs until the client closes the connection
         self.stall: set[str] = set()
+        # offer PIPELINING (RFC 2920), as campus mail's Postfix does (aiosmtpd itself does not,
+        # but answers pipelined commands in order); False: an upstream without it
+        self.pipelining = True
 
     async def _stalled(self, command: str) -> None:
         if command in self.stall:
@@ -131,6 +134,8 @@ class SinkHandler:
         self.ehlos += 1
         self.tls_seen.append(session.ssl is not None)
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_RSET(self, server, session, envelope):

@@ -99,7 +99,8 @@ def test_budget_that_frees_within_max_hold_is_not_refused_at_mail(gateways, sink
     gateways.clock.advance(55)  # room in 5 s, within max_hold (10 s): MAIL goes through
     with gw.smtp() as client:
         assert client.mail("bounce-9@em.acme.example") == (250, b"2.1.0 Sender OK")
-        assert sink.handler.mails == 4
+        assert client.rcpt("alice@example.edu") == (250, b"2.1.5 OK")
+        assert sink.handler.mails == 4  # (MAIL FROM goes upstream with the first RCPT TO)
         client.rset()
 
 

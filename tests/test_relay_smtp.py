@@ -63,12 +63,39 @@ def test_failover_to_the_next_host(gateways, sink):
 
 
 def test_upstream_mail_refusal_passed_through(gateways, sink):
+    """Campus mail without PIPELINING gets MAIL FROM at the vendor's MAIL: its refusal is the
+    reply to MAIL."""
+    sink.handler.pipelining = False
     sink.handler.mail_reply = "550 5.1.8 Sender domain rejected by campus"
     gw = gateways.start(upstream=sink.url)
     client = gw.smtp()
     assert client.mail("bounce-1@em.acme.example") == (
         550, b"5.1.8 Sender domain rejected by campus")
     client.quit()
+    assert sink.handler.mails == 1 and sink.handler.rcpt_seen == []
+
+
+def test_upstream_mail_refusal_with_pipelining_is_each_recipients_reply(gateways, sink, logs):
+    """Campus mail with PIPELINING gets MAIL FROM with the first RCPT TO: its refusal of MAIL
+    is that recipient's reply, and each later recipient's (MAIL is tried again with each);
+    nothing is relayed, and the next transaction on the connection goes through."""
+    sink.handler.mail_reply = "550 5.1.8 Sender domain rejected by campus"
+    gw = gateways.start(upstream=sink.url)
+    client = gw.smtp()
+    assert client.mail("bounce-1@em.acme.example") == (250, b"2.1.0 Sender OK")
+    assert sink.handler.mails == 0  # not yet: it goes with the first recipient
+    assert client.rcpt("alice@example.edu") == (550, b"5.1.8 Sender domain rejected by campus")
+    assert client.rcpt("bob@example.edu") == (550, b"5.1.8 Sender domain rejected by campus")
+    assert sink.handler.mails == 2
+    assert client.docmd("DATA") == (503, b"5.5.1 Error: need RCPT command")
+    assert client.rset()[0] == 250
+    sink.handler.mail_reply = None
+    assert client.sendmail("bounce-2@em.acme.example", ["alice@example.edu"], MESSAGE) == {}
+    client.quit()
+    assert [(m.mail_from, m.rcpt_tos) for m in sink.messages] == [
+        ("bounce-2@em.acme.example", ["alice@example.edu"])]
+    assert sink.handler.ehlos == 1
+    assert [r["reason"] for r in logs.events("rcpt_refused")] == ["upstream", "upstream"]
 
 
 def test_per_recipient_upstream_refusal_passed_through_per_recipient(gateways, sink, logs):
@@ -323,9 +350,23 @@ def test_upstream_silent_at_rcpt_is_451_4_4_2_for_the_recipient(gateways, sink):
 
 
 def test_upstream_silent_at_mail_is_451_4_4_1(gateways, sink):
+    sink.handler.pipelining = False  # MAIL FROM goes at the vendor's MAIL
     gw = _silent_at(gateways, sink, "MAIL")
     client = gw.smtp()
     assert client.mail("bounce-1@em.acme.example") == (
         451, b"4.4.1 Campus mail is unavailable; try again later")
     client.quit()
     assert sink.messages == []
+
+
+def test_upstream_silent_at_pipelined_mail_is_451_4_4_2_for_the_recipient(gateways, sink):
+    """MAIL FROM pipelined with the first RCPT TO, never answered: that recipient gets 451
+    4.4.2 after [upstream] timeout; a timeout is not a stale connection, so it is not sent
+    again elsewhere."""
+    gw = _silent_at(gateways, sink, "MAIL")
+    client = gw.smtp()
+    assert client.mail("bounce-1@em.acme.example") == (250, b"2.1.0 Sender OK")
+    assert client.rcpt("alice@example.edu") == (
+        451, b"4.4.2 Connection to campus mail lost; try again later")
+    client.quit()
+    assert sink.handler.mails == 1 and sink.messages == []

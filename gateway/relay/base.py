@@ -1,8 +1,9 @@
 """The upstream interface: one transaction per relayed message, opened at MAIL FROM.
 
-A transaction is opened when the gateway accepts MAIL FROM, forwards each accepted RCPT (so the
-upstream's per-recipient refusals reach the client per recipient) and sends the message only after
-every check has passed; the upstream's reply to the data is the client's reply.
+A transaction is opened when the gateway accepts MAIL FROM (an SMTP upstream with PIPELINING gets
+MAIL FROM with the first RCPT TO), forwards each accepted RCPT (so the upstream's per-recipient
+refusals reach the client per recipient) and sends the message only after every check has passed;
+the upstream's reply to the data is the client's reply.
 """
 
 from __future__ import annotations
