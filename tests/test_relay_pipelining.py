@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import MESSAGE
 
@@ -182,3 +184,17 @@ def test_a_transaction_left_before_any_recipient_sends_nothing_upstream(gateways
     client.quit()
     assert (sink.handler.mails, sink.handler.rsets, sink.handler.ehlos) == (1, 0, 1)
     assert [m.mail_from for m in sink.messages] == ["bounce-2@em.acme.example"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(head=st.binary(max_size=40).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01", b"\r\n"))),
+       tail=st.lists(st.sampled_from([b"a", b"\r\n", b".", b" "]), max_size=20).map(b"".join))
+def test_wire_exact_with_a_checked_tail_agrees_with_counting_it_all(head, tail):
+    """Leaving out a tail that is CRLF-exact and ends with CRLF changes no answer for a head of
+    whole lines (what the gateway puts before a message); a head that ends inside a line is
+    refused (the tail starts a line)."""
+    from gateway.relay.smtp import wire_exact
+
+    tail += b"\r\n"
+    whole_lines = not head or head.endswith(b"\r\n")
+    assert wire_exact(head + tail, checked=len(tail)) == (whole_lines and wire_exact(head + tail))

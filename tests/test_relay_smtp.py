@@ -370,3 +370,44 @@ def test_upstream_silent_at_pipelined_mail_is_451_4_4_2_for_the_recipient(gatewa
         451, b"4.4.2 Connection to campus mail lost; try again later")
     client.quit()
     assert sink.handler.mails == 1 and sink.messages == []
+
+
+# --- what goes to campus mail ends every line with CRLF --------------------------------------
+
+def _relay_one(sink, content: bytes, checked: int):
+    """One transaction straight through the relay's SMTPUpstream to the sink."""
+    import asyncio
+    import ssl
+
+    from gateway.infra.clock import SystemClock
+    from gateway.relay.smtp import SMTPUpstream
+
+    async def run():
+        up = SMTPUpstream(urls=(sink.url,), starttls="off", tls_context=ssl.create_default_context(),
+                          pool_size=1, timeout=10, idle_timeout=60, helo="gw.test",
+                          clock=SystemClock())
+        try:
+            txn = await up.begin("bounce-1@em.acme.example", False, None)
+            assert (await txn.rcpt("alice@example.edu")).code == 250
+            return await txn.data(content, checked=checked)
+        finally:
+            await up.close()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("head", [b"X-Added: a\nb\r\n", b"X-Added: a\rb\r\n", b"X-Added: a"])
+def test_relay_refuses_a_head_that_is_not_crlf_exact(sink, head):
+    """The message part was admitted (CRLF only, gateway.message.intake) and is not counted
+    again; what the gateway put before it is, and a bare CR or LF there is never sent."""
+    body = b"Subject: x\r\n\r\nHello.\r\n"
+    reply = _relay_one(sink, head + body, checked=len(body))
+    assert (reply.code, reply.enhanced) == (554, "5.6.0")
+    assert sink.messages == [] and sink.handler.rsets == 1  # the transaction was reset
+
+
+def test_relay_sends_a_crlf_exact_head_with_the_admitted_message(sink):
+    body = b"Subject: x\r\n\r\nHello.\r\n"
+    reply = _relay_one(sink, b"X-Added: a\r\n\tb\r\n" + body, checked=len(body))
+    assert (reply.code, reply.text) == (250, "Ok: queued as SINK1")
+    assert sink.messages[0].content == b"X-Added: a\r\n\tb\r\n" + body

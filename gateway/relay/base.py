@@ -40,7 +40,9 @@ class Transaction(Protocol):
         each): how recipients already forwarded are left out before the data. The first reply
         that is not a success is returned (the caller then aborts); else the last RCPT's."""
 
-    async def data(self, content: bytes) -> Reply: ...
+    async def data(self, content: bytes, checked: int = 0) -> Reply:
+        """Send ``content``; its last ``checked`` bytes are known to end lines with CRLF only
+        (the admitted message), so an SMTP upstream checks only the bytes before them."""
 
     async def abort(self) -> None: ...
 

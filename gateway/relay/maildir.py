@@ -52,7 +52,7 @@ class MaildirTransaction:
         self.recipients = list(recipients)
         return Reply(250, "2.1.5", "OK")
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: bytes, checked: int = 0) -> Reply:
         try:
             name = await asyncio.to_thread(self.upstream.deliver, self.mail_from,
                                            self.recipients, content)

@@ -26,12 +26,18 @@ OK = Reply(250, "2.0.0", "OK")  # (nothing to reset: restart() before any RCPT w
 NOT_WIRE_EXACT = Reply(554, "5.6.0", "Message has line endings other than CRLF; not relayed")
 
 
-def wire_exact(content: bytes) -> bool:
-    """aiosmtplib sends ``content`` as it is (dot-stuffing aside, which the receiver undoes):
-    every CR and LF is part of a CRLF, and it ends with CRLF."""
-    pairs = content.count(b"\r\n")
-    return (content.count(b"\r") == pairs == content.count(b"\n")
-            and content.endswith(b"\r\n"))
+def wire_exact(content: bytes, checked: int = 0) -> bool:
+    """``content`` goes out as it is (dot-stuffing aside, which the receiver undoes): every CR
+    and LF is part of a CRLF, and it ends with CRLF. Its last ``checked`` bytes are known to
+    be (the admitted message: gateway.message.intake refused any other), so only the bytes
+    before them are counted (the three counts cost about 19 us for 10 KB)."""
+    if not content.endswith(b"\r\n"):
+        return False
+    head = content[:len(content) - checked] if checked else content
+    if not head:
+        return True
+    pairs = head.count(b"\r\n")
+    return head.count(b"\r") == pairs == head.count(b"\n") and head.endswith(b"\r\n")
 
 
 class Client(aiosmtplib.SMTP):
@@ -448,10 +454,10 @@ class SMTPTransaction:
             self._finish(reusable=False)
         return reply or CONNECTION_LOST
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: bytes, checked: int = 0) -> Reply:
         if self._done:
             return CONNECTION_LOST
-        if not wire_exact(content):  # the DATA path refuses such messages before this
+        if not wire_exact(content, checked):  # the DATA path refuses such messages before this
             await self.abort()
             return NOT_WIRE_EXACT
         reply = await self._command(lambda: send_data(self.client, content))

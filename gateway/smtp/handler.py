@@ -270,7 +270,7 @@ class Handler:
             sender = txn.ctx.sender.id if txn.ctx.sender is not None else "unknown"
             data = await self.arc.seal(result.received, data, sender)
         started = time.perf_counter()
-        reply = await upstream.data(data)
+        reply = await upstream.data(data, checked=len(result.content))  # (admitted)
         envelope.gateway = None  # finished; a cancelled hook leaves it for the abort on close
         elapsed = time.perf_counter() - started
         self.metrics.relay_seconds.observe(elapsed)
