@@ -77,13 +77,19 @@ async def test_acquire_sliding_window_all_or_nothing(window_store):
     results = [await store.acquire([sender, gateway], now + i, f"t{i}") for i in range(3)]
     assert [r.wait for r in results] == [0, 0, 0]
     assert [r.used for r in results] == [1, 2, 3]
+    # each limit's room after the admission: its count less the events now in its window
+    assert [r.rooms for r in results] == [(2, 3), (1, 2), (0, 1)]
     refused = await store.acquire([sender, gateway], now + 10, "t3")
     assert (refused.wait, refused.limit) == (50.0, 0)  # the oldest leaves at now + 60
+    assert refused.rooms == (0, 1)  # (nothing recorded)
     # the refused attempt recorded nothing: another sender still fits the global limit once
     other = Limit("rate:beta:60", 3, 60.0)
     assert (await store.acquire([other, gateway], now + 10, "b1")).wait == 0
     full = await store.acquire([other, gateway], now + 11, "b2")
     assert (full.wait, full.limit) == (49.0, 1)  # now the gateway-wide limit binds
+    assert full.rooms == (2, 0)
+    # a count lowered below what the window holds: a room below zero
+    assert (await store.peek([sender._replace(count=2)], now + 12)).rooms == (-1,)
     # exactly 60 s after the first event, it has left the window (half-open window)
     assert (await store.acquire([sender], now + 60, "t4")).wait == 0
     await store.close()
@@ -96,10 +102,10 @@ async def test_acquire_with_a_cost_counts_each_unit(window_store):
     now = clock.now().timestamp()
     rcpts = Limit("rcpt:acme:60", 100, 60.0)
     assert (await store.acquire([rcpts._replace(cost=60)], now, "m1")).used == 60
-    assert (await store.acquire([rcpts._replace(cost=30)], now + 5, "m2")).used == 90
+    assert (await store.acquire([rcpts._replace(cost=30)], now + 5, "m2")).rooms == (10,)
     # 20 more do not fit until the first 60 leave, at now + 60
     refused = await store.acquire([rcpts._replace(cost=20)], now + 10, "m3")
-    assert (refused.wait, refused.limit) == (50.0, 0)
+    assert (refused.wait, refused.limit, refused.rooms) == (50.0, 0, (10,))
     assert (await store.acquire([rcpts._replace(cost=10)], now + 10, "m4")).used == 100
     assert (await store.acquire([rcpts._replace(cost=20)], now + 60, "m5")).used == 60
     await store.close()
@@ -164,10 +170,11 @@ async def test_peek_answers_as_acquire_would_and_purge_drops_expired_keys(any_ba
     assert (await store.acquire(limits, now + 4, "b")).used == 2
     full = await store.peek(limits, now + 5)
     real = await store.acquire(limits, now + 5, "c")
-    assert (full.wait, full.limit) == (real.wait, real.limit)
+    assert (full.wait, full.limit, full.rooms) == (real.wait, real.limit, real.rooms) == (
+        pytest.approx(58.0), 0, (0,))
     assert full.wait == pytest.approx(58.0) and full.limit == 0
     later = await store.peek(limits, now + 63.5)  # "a" has left the window
-    assert later.wait == 0.0
+    assert (later.wait, later.rooms) == (0.0, (1,))
     assert (await store.acquire(limits, now + 63.5, "d")).used == 2  # nothing was spent
     if not url.startswith("redis"):  # (Redis expires keys itself, on its own clock)
         await store.set("trace:q:1", b"x", ttl=10)

@@ -319,15 +319,16 @@ async def test_an_old_file_is_migrated_once_and_answers_as_before(tmp_path, vers
     store.PURGE_EVERY = float("inf")  # first the counts as the file has them, unpurged
     acme = [Limit("rate:acme:60", 4, 60.0)]
     # three live events (two at now - 30), one gone: room for one, then the oldest live leaves
-    assert await store.peek(acme, now) == (0.0, -1, 3)
-    assert await store.acquire(acme, now, "a") == (0.0, -1, 4)
+    assert await store.peek(acme, now) == (0.0, -1, 3, (1,))
+    assert await store.acquire(acme, now, "a") == (0.0, -1, 4, (0,))
     full = await store.acquire(acme, now + 1, "b")
-    assert full == (pytest.approx(29.0), 0, 4)
+    assert full == (pytest.approx(29.0), 0, 4, (0,))
     two = await store.acquire([acme[0]._replace(cost=2)], now + 1, "c")
-    assert two == (pytest.approx(29.0), 0, 4)  # both events at now - 30 must leave
+    assert two == (pytest.approx(29.0), 0, 4, (0,))  # both events at now - 30 must leave
     three = await store.peek([acme[0]._replace(cost=3)], now + 1)
     assert three.wait == pytest.approx(49.0)  # and the one at now - 10
-    assert await store.peek([Limit("rate:beta:60", 1, 60.0)], now) == (pytest.approx(55.0), 0, 1)
+    assert await store.peek([Limit("rate:beta:60", 1, 60.0)], now) == (pytest.approx(55.0), 0, 1,
+                                                                       (0,))
     assert await store.get("throttle:acme") == b"5/minute"
     assert await store.scan("trace:") == {"trace:q:1": b"{}"}
     assert await store.count_distinct("c", [], 100.0) == 2
@@ -387,7 +388,7 @@ async def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path, monkey
 
     monkeypatch.setitem(sqlite_state._MIGRATIONS, last, real[last])
     store = open_store("sqlite:old.sqlite3", clock, tmp_path)
-    assert await store.peek([Limit("rate:acme:60", 4, 60.0)], now) == (0.0, -1, 3)
+    assert await store.peek([Limit("rate:acme:60", 4, 60.0)], now) == (0.0, -1, 3, (1,))
     await store.close()
     assert schema_of(path)[0] == sqlite_state.SCHEMA_VERSION
 
@@ -402,7 +403,7 @@ async def test_two_processes_starting_on_an_old_file_migrate_it_once(tmp_path):
     stores = [open_store("sqlite:old.sqlite3", clock, tmp_path) for _ in range(2)]
     looks = await asyncio.gather(*(s.peek([Limit("rate:acme:60", 4, 60.0)], now)
                                    for s in stores))
-    assert looks == [(0.0, -1, 3), (0.0, -1, 3)]
+    assert looks == [(0.0, -1, 3, (1,)), (0.0, -1, 3, (1,))]
     for store in stores:
         await store.close()
     db = sqlite3.connect(tmp_path / "old.sqlite3")
@@ -438,7 +439,7 @@ def assert_rate_counts_exact(path: Path) -> None:
 @given(steps=_RATE_STEPS)
 def test_sqlite_rate_windows_answer_as_the_memory_store_does(steps):
     """Random admissions and looks (several at one instant, costs above one, up to three
-    limits, windows of 10 and 30 s): SQLite's answers (wait, limit, used) are the memory
+    limits, windows of 10 and 30 s): SQLite's answers (wait, limit, used, rooms) are the memory
     store's, whose windows are plain sorted lists of event times, and its kept counts stay
     exact."""
 
@@ -460,7 +461,8 @@ def test_sqlite_rate_windows_answer_as_the_memory_store_does(steps):
                 else:
                     want = await memory.peek(limits, now)
                     got = await sqlite_store.peek(limits, now)
-                assert got.limit == want.limit and got.used == want.used, step
+                assert (got.limit, got.used, got.rooms) == (want.limit, want.used,
+                                                            want.rooms), step
                 assert got.wait == pytest.approx(want.wait), step
                 assert_rate_counts_exact(base / "s.sqlite3")
         finally:

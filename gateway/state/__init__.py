@@ -29,6 +29,10 @@ class Admission(NamedTuple):
     wait: float  # 0: admitted and recorded; else seconds until it would be
     limit: int  # index of the limit that imposes the wait (-1 when admitted)
     used: int  # events now in the first limit's window (after recording, if admitted)
+    # each limit's room, in order: its count less the events now in its window (after
+    # recording, if admitted; below 0 when a lowered count leaves more in it). What the rate
+    # check's MAIL half remembers to skip a look while there is ample room (gateway.state.rooms)
+    rooms: tuple[int, ...] = ()
 
 
 def retry_after(times: list[float], count: int, window: float, now: float,
@@ -69,7 +73,8 @@ class Store(Protocol):
     async def peek(self, limits: list[Limit], now: float) -> Admission:
         """What :meth:`acquire` would answer now, recording nothing (a look, not a take): the
         early refusal at MAIL (checks.rate_limit) asks it, so that only relayed messages
-        spend budget. ``used`` counts the first limit's window as it is."""
+        spend budget. ``used`` counts the first limit's window, and ``rooms`` each limit's
+        room, as they are."""
 
     async def count_distinct(self, key: str, members: list[str], window: float,
                              limit: int | None = None) -> int:

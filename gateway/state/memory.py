@@ -81,19 +81,21 @@ class MemoryStore:
             for key, _, _, cost in limits:
                 for _ in range(cost):
                     bisect.insort(self._windows[key], now)
-        return Admission(wait, worst, len(self._windows[limits[0].key]))
+        return Admission(wait, worst, len(self._windows[limits[0].key]),
+                         tuple(count - len(self._windows[key]) for key, count, _, _ in limits))
 
     async def peek(self, limits: list[Limit], now: float) -> Admission:
-        wait, worst, first = 0.0, -1, 0
+        wait, worst, first, rooms = 0.0, -1, 0, []
         for i, (key, count, window, cost) in enumerate(limits):
             times = self._windows.get(key, [])
             live = times[bisect.bisect_right(times, now - window):]
             if i == 0:
                 first = len(live)
+            rooms.append(count - len(live))
             w = retry_after(live, count, window, now, cost)
             if w > wait:
                 wait, worst = w, i
-        return Admission(wait, worst, first)
+        return Admission(wait, worst, first, tuple(rooms))
 
     # --- recipient flags (gateway.policy.flags): sets of keyed hashes ----------------------------
 

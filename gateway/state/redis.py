@@ -14,10 +14,11 @@ from gateway.state import Admission, Limit, StoreError
 # KEYS: the window keys. ARGV: now, token, then count, window and cost for each key.
 # Sliding-window log in a sorted set per key (score = event time): prune what left the window,
 # find the wait each key imposes, and record the event in every key only when none does.
+# Returns the wait, the limit imposing it, the first key's events and then each key's room.
 _ACQUIRE = """
 local now = tonumber(ARGV[1])
 local token = ARGV[2]
-local wait, worst, first = 0, -1, 0
+local wait, worst, first, rooms = 0, -1, 0, {}
 for i, key in ipairs(KEYS) do
   local count = tonumber(ARGV[3 * i])
   local window = tonumber(ARGV[3 * i + 1])
@@ -25,6 +26,7 @@ for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local n = redis.call('ZCARD', key)
   if i == 1 then first = n end
+  rooms[i] = count - n
   local excess = n + cost - count
   if excess > 0 then
     local at = redis.call('ZRANGE', key, excess - 1, excess - 1, 'WITHSCORES')
@@ -32,7 +34,7 @@ for i, key in ipairs(KEYS) do
     if w > wait then wait, worst = w, i - 1 end
   end
 end
-if wait > 0 then return {tostring(wait), worst, first} end
+if wait > 0 then return {tostring(wait), worst, first, unpack(rooms)} end
 for i, key in ipairs(KEYS) do
   local window = tonumber(ARGV[3 * i + 1])
   local cost = tonumber(ARGV[3 * i + 2])
@@ -40,15 +42,16 @@ for i, key in ipairs(KEYS) do
     redis.call('ZADD', key, now, token .. ':' .. j)
   end
   redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
+  rooms[i] = rooms[i] - cost
 end
-return {'0', -1, first + tonumber(ARGV[5])}
+return {'0', -1, first + tonumber(ARGV[5]), unpack(rooms)}
 """
 
 # The same decision, recording nothing and pruning nothing (a look, not a take): the early
 # refusal at MAIL. KEYS and ARGV as for _ACQUIRE (the token unused).
 _PEEK = """
 local now = tonumber(ARGV[1])
-local wait, worst, first = 0, -1, 0
+local wait, worst, first, rooms = 0, -1, 0, {}
 for i, key in ipairs(KEYS) do
   local count = tonumber(ARGV[3 * i])
   local window = tonumber(ARGV[3 * i + 1])
@@ -56,6 +59,7 @@ for i, key in ipairs(KEYS) do
   local after = string.format('(%.17g', now - window)
   local n = redis.call('ZCOUNT', key, after, '+inf')
   if i == 1 then first = n end
+  rooms[i] = count - n
   local excess = n + cost - count
   if excess > 0 then
     local at = redis.call('ZRANGEBYSCORE', key, after, '+inf', 'WITHSCORES', 'LIMIT',
@@ -64,7 +68,7 @@ for i, key in ipairs(KEYS) do
     if w > wait then wait, worst = w, i - 1 end
   end
 end
-return {tostring(wait), worst, first}
+return {tostring(wait), worst, first, unpack(rooms)}
 """
 
 
@@ -171,17 +175,17 @@ class RedisStore:
         args: list = [repr(now), token]
         for _, count, window, cost in limits:
             args += [count, repr(float(window)), cost]
-        wait, worst, used = await self._call(
+        wait, worst, used, *rooms = await self._call(
             self._acquire(keys=[lim.key for lim in limits], args=args))
-        return Admission(float(wait), int(worst), int(used))
+        return Admission(float(wait), int(worst), int(used), tuple(map(int, rooms)))
 
     async def peek(self, limits: list[Limit], now: float) -> Admission:
         args: list = [repr(now), ""]
         for _, count, window, cost in limits:
             args += [count, repr(float(window)), cost]
-        wait, worst, used = await self._call(
+        wait, worst, used, *rooms = await self._call(
             self._peek(keys=[lim.key for lim in limits], args=args))
-        return Admission(float(wait), int(worst), int(used))
+        return Admission(float(wait), int(worst), int(used), tuple(map(int, rooms)))
 
     # --- recipient flags (gateway.policy.flags) ----------------------------------------------------
 

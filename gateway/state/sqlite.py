@@ -381,7 +381,9 @@ class SQLiteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return Admission(wait, worst, counts[0] + (limits[0].cost if wait == 0 else 0))
+        return Admission(wait, worst, counts[0] + (limits[0].cost if wait == 0 else 0),
+                         tuple(lim.count - n - (lim.cost if admitted else 0)
+                               for lim, n in zip(limits, counts)))
 
     async def acquire(self, limits: list[Limit], now: float, token: str) -> Admission:
         return await self._quick(self._acquire, limits, now)
@@ -391,7 +393,7 @@ class SQLiteStore:
         db = db or self._conn()
         db.execute("BEGIN")  # read only: one snapshot for every limit, no write lock
         try:
-            wait, worst, first = 0.0, -1, 0
+            wait, worst, first, rooms = 0.0, -1, 0, []
             for i, (key, count, window, cost) in enumerate(limits):
                 # the kept count, less the events that left the window but are not pruned yet
                 # (an acquire prunes them): a few index probes, however full the window
@@ -401,6 +403,7 @@ class SQLiteStore:
                 n = max((kept or 0) - gone, 0)
                 if i == 0:
                     first = n
+                rooms.append(count - n)
                 excess = n + cost - count
                 if excess > 0:
                     found = db.execute(self._NTH_OLDEST, (key, since, excess)).fetchone()
@@ -409,7 +412,7 @@ class SQLiteStore:
                         wait, worst = w, i
         finally:
             db.execute("COMMIT")
-        return Admission(wait, worst, first)
+        return Admission(wait, worst, first, tuple(rooms))
 
     async def peek(self, limits: list[Limit], now: float) -> Admission:
         return await self._quick(self._peek, limits, now)
