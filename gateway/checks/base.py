@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from gateway.infra.config import CheckSettings
 from gateway.message.headers import Field, split
 from gateway.message.replies import Reply
+from gateway.state.rooms import Rooms
 
 if TYPE_CHECKING:
     from gateway.policy.adaptive import AdaptiveRate
@@ -124,6 +125,9 @@ class Deps:
     # in the state store keep them as keyed hashes with it (gateway.policy.audience.recipient_hash)
     recipient_key: bytes | None = None
     flags: FlagStore | None = None  # recipient flags (gateway.policy.flags), keyed with [flags] key_file
+    # what the rate windows' room was when last learned, shared by the two halves of the rate
+    # check (gateway.state.rooms); a reload's checks take over the one before (Check.inherit)
+    rooms: Rooms = field(default_factory=Rooms)
 
 
 class Check:

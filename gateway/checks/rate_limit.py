@@ -54,9 +54,13 @@ class RateLimit(Check):
                                                      limits.throttle_refresh)
         self.local = MemoryStore(deps.clock)  # per-process fallback for on_error = "local"
         self.metrics = deps.metrics
+        self.rooms = deps.rooms  # the room last learned from the store, by both halves
 
     def inherit(self, previous: RateLimit) -> None:
         self.local = previous.local  # the per-process windows used while the store is down
+        # both halves take over the same one (the old generation's messages in flight still
+        # tell it what they spend); it is only trusted for the very same limits
+        self.rooms = previous.rooms
 
     async def _throttle(self, target: str) -> Rate | None:
         try:
@@ -87,9 +91,11 @@ class RateLimit(Check):
         return _per_period(rates)
 
     async def _acquire(self, limits: list[Limit], token: str) -> Admission:
-        now = self.deps.clock.now().timestamp()
+        now, at = self.deps.clock.now().timestamp(), self.deps.clock.monotonic()
         try:
-            return await self.deps.state.acquire(limits, now, token)
+            admission = await self.deps.state.acquire(limits, now, token)
+            self.rooms.learn(limits, admission, at)  # (dated from before the call: no younger)
+            return admission
         except StoreError as exc:
             if self.on_error != "local":
                 raise
@@ -205,7 +211,12 @@ class RateLimitAtMail(RateLimit):
     alone. So a sender over its rate costs one MAIL command per retry, in every one of its
     sessions, and a message that passes here is still decided by the DATA half (others may
     have spent the budget meanwhile). Enforce mode only: a monitored limit is reported once,
-    at the end of the message."""
+    at the end of the message.
+
+    It does not look when the store's last answer to this process (the DATA half's last
+    admission or its own last look) showed ample room for these very limits, under a second
+    ago (gateway.state.rooms): it accepts then, as the look would have. A refusal here always
+    comes from a look; ``gateway explain`` always looks."""
 
     stage = Stage.MAIL
 
@@ -213,14 +224,20 @@ class RateLimitAtMail(RateLimit):
         return self.settings(ctx).mode == "enforce"
 
     async def check(self, ctx: Context) -> Verdict:
+        clock = self.deps.clock
         try:
             sender_id, budget, _ = await self.budget(ctx)
-            now = self.deps.clock.now().timestamp()
-            admission = await self.deps.state.peek([limit for limit, _, _ in budget], now)
+            limits = [limit for limit, _, _ in budget]
+            at = clock.monotonic()
+            if not ctx.dry_run and self.rooms.ample(limits, at):
+                return ACCEPT  # what the look would answer (see gateway.state.rooms)
+            admission = await self.deps.state.peek(limits, clock.now().timestamp())
         except StoreError:
             # the store is down: the end of the message decides, as for every check that
             # needs it (on_error: 451 4.3.0, or the per-process limits)
             return ACCEPT
+        if not ctx.dry_run:
+            self.rooms.learn(limits, admission, at)
         if admission.wait > self.max_hold:
             _, kind, rate = budget[admission.limit]
             return self._deferred(sender_id, rate, kind, admission.wait, count=not ctx.dry_run)
