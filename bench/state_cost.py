@@ -104,13 +104,21 @@ def measure(args) -> int:
         record = json.dumps({"pad": "x" * 900}).encode()  # about a decision record's size
 
         traced = 0
+        try:  # the tree's own queue ids: time first (gateway/engine/queue_ids.py)
+            from gateway.engine.queue_ids import queue_id
+
+            def new_qid() -> str:
+                return queue_id(int(now() * 1000))
+        except ImportError:  # a tree from before them: 12 random hex digits
+            def new_qid() -> str:
+                return hashed(f"q{traced}", 12).upper()
 
         def trace_rows() -> list[tuple[str, bytes, float]]:
-            # as gateway/ops/trace.py keys a record: its queue id (random), the sender's hour,
-            # the Message-ID's hash; kept 14 days
+            # as gateway/ops/trace.py keys a record: its queue id (as the tree makes them), the
+            # sender's hour, the Message-ID's hash; kept 14 days
             nonlocal traced
             traced += 1
-            qid = hashed(f"q{traced}", 12).upper()
+            qid = new_qid()
             hour = time.strftime("%Y%m%d%H", time.gmtime(now()))
             return [(f"trace:q:{qid}", record, 14 * 86400.0),
                     (f"trace:s:bench:{hour}:{qid}", b"", 14 * 86400.0),

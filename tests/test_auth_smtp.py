@@ -304,7 +304,7 @@ def test_quarantine_stores_replies_250_and_release_relays(start, sink, capsys, l
                                 rcpts=("alice@example.edu", "bob@example.edu"), message=raw)
     client.quit()
     assert code == 250
-    queue_id = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-F]{12})", text).group(1).decode()
+    queue_id = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-V]{16})", text).group(1).decode()
     assert sink.messages == []
     assert sink.handler.rcpt_seen == ["alice@example.edu", "bob@example.edu"]  # then aborted
     [line] = logs.events("message")

@@ -96,7 +96,7 @@ def test_every_recipient_dropped_is_250_and_nothing_relayed(gateways, sink, logs
     assert replies == [(250, b"2.1.5 OK")] * 2
     decision = logs.events("message")[-1]
     assert (code, text) == (250, f"2.0.0 Ok: queued as {decision['queue_id']}".encode())
-    assert re.fullmatch(r"[0-9A-F]{12}", decision["queue_id"])
+    assert re.fullmatch(r"[0-9A-V]{16}", decision["queue_id"])
     assert sink.messages == []
     assert sink.handler.rcpt_seen == [A, B]  # forwarded at RCPT, then the upstream aborted
     assert decision["decision"] == "accept" and decision["reason"] == "recipients_dropped"

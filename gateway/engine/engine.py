@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import secrets
 import time
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from gateway.checks.pipeline import Outcome
 from gateway.engine import message
 from gateway.engine.decisions import Decisions
 from gateway.engine.generation import Generation
+from gateway.engine.queue_ids import queue_id
 from gateway.engine.transaction import Client, RcptDecision, Result, Transaction
 from gateway.message.intake import admit
 from gateway.policy.quarantine import item_for
@@ -84,7 +84,8 @@ class Engine:
                       auth_user=client.auth_user, mail_from=mail_from, dry_run=dry_run)
         identify(ctx, gen.registry)
         outcome = await gen.pipeline.run(Stage.MAIL, ctx, Outcome(trace=[] if dry_run else None))
-        txn = Transaction(session_id=client.session_id, queue_id=secrets.token_hex(6).upper(),
+        txn = Transaction(session_id=client.session_id,
+                          queue_id=queue_id(int(self.clock.now().timestamp() * 1000)),
                           ctx=ctx, outcome=outcome, started=time.perf_counter(),
                           mail_options=list(mail_options), dry_run=dry_run, gen=gen)
         verdict = outcome.verdict
