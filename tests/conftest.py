@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway
@@ -29,6 +28,7 @@ from gateway.infra.config import load_config
 from gateway.infra.event_loop import loop_factory
 from gateway.ops.maillog import configure_logging
 from gateway.policy.senders import load_registry
+from tests.chunking_smtp import ChunkingController
 
 EXAMPLE_SENDER = """
 id = "acme"
@@ -104,6 +104,7 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     mail_options: list[str]
+    chunks: int = 0  # BDAT chunks it came in (RFC 3030); 0: DATA
 
 
 class SinkHandler:
@@ -125,6 +126,8 @@ class SinkHandler:
         # offer PIPELINING (RFC 2920), as campus mail's Postfix does (aiosmtpd itself does not,
         # but answers pipelined commands in order); False: an upstream without it
         self.pipelining = True
+        # offer CHUNKING (RFC 3030: BDAT), as Postfix does; False: DATA only
+        self.chunking = True
 
     async def _stalled(self, command: str) -> None:
         if command in self.stall:
@@ -136,6 +139,8 @@ class SinkHandler:
         session.host_name = hostname
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
+        if self.chunking:
+            responses.insert(-1, "250-CHUNKING")
         return responses
 
     async def handle_RSET(self, server, session, envelope):
@@ -165,7 +170,8 @@ class SinkHandler:
         if self.data_reply:
             return self.data_reply
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                      envelope.original_content, list(envelope.mail_options)))
+                                      envelope.original_content, list(envelope.mail_options),
+                                      getattr(envelope, "chunks", 0)))
         return f"250 2.0.0 Ok: queued as SINK{len(self.messages)}"
 
 
@@ -188,7 +194,8 @@ class Sink:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(*map(str, starttls))
             kwargs["tls_context"] = ctx
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, **kwargs)
+        self.controller = ChunkingController(self.handler, hostname="127.0.0.1", port=self.port,
+                                             **kwargs)
         self.controller.start()
 
     @property
@@ -208,6 +215,22 @@ def sink():
     s = Sink()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def scripted():
+    """Makes scripted upstreams (tests/scripted_upstream.py), stopped after the test."""
+    from tests.scripted_upstream import ScriptedUpstream
+
+    servers: list[ScriptedUpstream] = []
+
+    def make(**kwargs) -> ScriptedUpstream:
+        servers.append(ScriptedUpstream(**kwargs))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()
 
 
 class RunningGateway:

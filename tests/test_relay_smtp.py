@@ -7,6 +7,14 @@ import pytest
 from tests.conftest import MESSAGE, send
 
 
+@pytest.fixture(params=[True, False], ids=["bdat", "data"])
+def chunking(request, sink):
+    """Campus mail that offers CHUNKING (RFC 3030: the message goes as one BDAT chunk), or
+    not (DATA and the final dot): the tests of the message's own reply and bytes run on both."""
+    sink.handler.chunking = request.param
+    return request.param
+
+
 def test_accepted_message_arrives_upstream_and_reply_is_upstreams(gateways, sink, logs):
     gw = gateways.start(upstream=sink.url)
     client, (code, text) = send(gw, rcpts=("alice@example.edu", "bob@dept.example.edu"))
@@ -120,7 +128,8 @@ def test_per_recipient_upstream_refusal_passed_through_per_recipient(gateways, s
     ("554 5.6.0 Content refused", 554, b"5.6.0 Content refused"),
     ("550 Message rejected", 550, b"5.7.1 Message rejected"),
 ])
-def test_upstream_data_reply_is_the_clients_reply(gateways, sink, logs, reply, code, text):
+def test_upstream_data_reply_is_the_clients_reply(gateways, sink, chunking, logs, reply, code,
+                                                  text):
     sink.handler.data_reply = reply
     gw = gateways.start(upstream=sink.url)
     client, got = send(gw)
@@ -131,7 +140,7 @@ def test_upstream_data_reply_is_the_clients_reply(gateways, sink, logs, reply, c
     assert gw.metric("gateway_upstream_replies_total", stage="data", **{"class": f"{code // 100}xx"}) == 1
 
 
-def test_multiline_upstream_reply_passed_through(gateways, sink):
+def test_multiline_upstream_reply_passed_through(gateways, sink, chunking):
     sink.handler.data_reply = "554-5.7.1 Refused by campus policy\r\n554 5.7.1 See the mail desk"
     gw = gateways.start(upstream=sink.url)
     client, got = send(gw)
@@ -177,13 +186,14 @@ def test_maildir_delivery_is_atomic_and_carries_envelope(gateways, logs):
     assert data.endswith(b"Subject: Hello\nMessage-ID: <m1@em.acme.example>\n\nHello, world.\n")
 
 
-def test_dot_stuffed_lines_survive_the_relay(gateways, sink):
+def test_dot_stuffed_lines_survive_the_relay(gateways, sink, chunking):
     gw = gateways.start(upstream=sink.url)
     body = MESSAGE + b".leading dot\r\n..two dots\r\n"
     client, (code, _) = send(gw, message=body)
     client.quit()
     assert code == 250
     assert sink.messages[0].content.endswith(b"Hello, world.\r\n.leading dot\r\n..two dots\r\n")
+    assert sink.messages[0].chunks == (1 if chunking else 0)
 
 
 def test_pathologically_nested_mime_is_refused_not_deferred(gateways, sink, logs):
@@ -263,7 +273,7 @@ def test_pipelined_commands_after_the_final_dot(gateways, sink):
     assert [m.rcpt_tos for m in sink.messages] == [["alice@example.edu"]]
 
 
-def test_message_split_across_many_reads_is_relayed_exactly(gateways, sink):
+def test_message_split_across_many_reads_is_relayed_exactly(gateways, sink, chunking):
     import socket
 
     gw = gateways.start(upstream=sink.url)
@@ -280,12 +290,13 @@ def test_message_split_across_many_reads_is_relayed_exactly(gateways, sink):
             s.sendall(wire[i:i + 997])
         assert f.readline() == b"250 2.0.0 Ok: queued as SINK1\r\n"
     assert sink.messages[0].content.endswith(body.split(b"\r\n\r\n", 1)[1])
+    assert sink.messages[0].chunks == (1 if chunking else 0)
 
 
-def test_lines_starting_with_a_dot_arrive_as_sent(gateways, sink):
-    """The relay dot-stuffs the body itself (gateway.relay.smtp.send_data): a line that is a
-    lone dot, two dots or a dot and text arrives at campus mail exactly as the client sent it,
-    and the message is not ended early."""
+def test_lines_starting_with_a_dot_arrive_as_sent(gateways, sink, chunking):
+    """The relay dot-stuffs the body itself for DATA (gateway.relay.smtp.send_data), and sends
+    it as it is in a BDAT chunk: a line that is a lone dot, two dots or a dot and text arrives
+    at campus mail exactly as the client sent it, and the message is not ended early."""
     gw = gateways.start(upstream=sink.url)
     body = b".\r\n..\r\n.x\r\nmiddle\r\n.\r\n...\r\n"
     client, (code, _) = send(gw, message=MESSAGE.replace(b"Hello, world.\r\n", body))
@@ -293,6 +304,7 @@ def test_lines_starting_with_a_dot_arrive_as_sent(gateways, sink):
     assert code == 250
     [msg] = sink.messages
     assert msg.content.partition(b"\r\n\r\n")[2] == body
+    assert msg.chunks == (1 if chunking else 0)
 
 
 def test_size_and_8bitmime_are_passed_on_from_the_first_message_of_a_connection(gateways, sink):
@@ -321,8 +333,9 @@ def _silent_at(gateways, sink, command):
 
 
 def test_upstream_silent_after_the_data_is_451_4_4_2_and_nothing_is_acknowledged(
-        gateways, sink, logs):
-    """Campus mail that takes the message but never answers the final dot: after [upstream]
+        gateways, sink, chunking, logs):
+    """Campus mail that takes the message but never answers the final dot (or the BDAT LAST
+    chunk): after [upstream]
     timeout the vendor is told 451 (it will retry), never 250, and the connection is dropped
     (its late reply could not be told from the next transaction's)."""
     gw = _silent_at(gateways, sink, "DATA")
@@ -337,6 +350,7 @@ def test_upstream_silent_after_the_data_is_451_4_4_2_and_nothing_is_acknowledged
     client, (code, text) = send(gw)
     client.quit()
     assert (code, text) == (250, b"2.0.0 Ok: queued as SINK1")
+    assert sink.messages[0].chunks == (1 if chunking else 0)
 
 
 def test_upstream_silent_at_mail_is_451_4_4_1(gateways, sink):

@@ -141,6 +141,7 @@ class UpstreamConfig:
     transaction_idle: float = 30.0
     probe: bool = True
     unreachable_grace: float = 60.0
+    chunking: bool = True
 
     def validate(self, file, prefix):
         check_upstream_url(file, f"{prefix}.url", self.url)

@@ -78,4 +78,5 @@ def open_upstream(config: Config, clock: Clock) -> Upstream:
     return SMTPUpstream(urls=up.urls, starttls=up.starttls, tls_context=tls_context(config),
                         pool_size=up.pool_size, timeout=up.timeout,
                         idle_timeout=up.idle_timeout, helo=config.server.hostname, clock=clock,
-                        pool_wait=up.pool_wait, sender_share=up.sender_share)
+                        pool_wait=up.pool_wait, sender_share=up.sender_share,
+                        chunking=up.chunking)
