@@ -390,9 +390,12 @@ def run(args) -> int:
         # deferring gateway's whole budget for the day
         tp.sanity_pass({"relay": (relay, relay_port, None), "defer": (defer, defer_port, None)},
                        first, tmp / "capture")
-        spy = None
-        if args.profile:  # the relaying gateway, over the rounds
-            spy = tp.start_py_spy(children, relay.pid, tmp / "py-spy.txt")
+        spies = []  # (py-spy, its output, FILE, which gateway)
+        for file, proc, what in ((args.profile, relay, "relaying"),
+                                 (args.profile_defer, defer, "deferring")):
+            if file:  # over the rounds
+                out = tmp / f"py-spy-{what}.txt"
+                spies.append((tp.start_py_spy(children, proc.pid, out), out, file, what))
         print(f"{args.n} messages a phase, {args.c} sessions, 10 KB DKIM-signed (RSA-2048), "
               f"every check on, SQLite state, info logging"
               + (f", gateways on {args.event_loop}" if args.event_loop else "")
@@ -411,15 +414,15 @@ def run(args) -> int:
                 print(f"  round {r + 1}: {label:<18} {res.ok / res.elapsed:7.0f} msgs/s"
                       f"{'  (' + str(res.unexpected) + ' unexpected)' if res.unexpected else ''}",
                       flush=True)
-        if spy is not None:
+        for spy, out, file, what in spies:
             spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             spy.wait(60)
             children.stop(spy)
-            dest = Path(args.profile).resolve()
+            dest = Path(file).resolve()
             import shutil
 
-            shutil.copy(tmp / "py-spy.txt", dest)
-            print(f"\nprofile of the relaying gateway: {dest}")
+            shutil.copy(out, dest)
+            print(f"\nprofile of the {what} gateway: {dest}")
             tp.summarize_profile(dest, "py-spy", top=40)
         for label, port in (("paced, direct", sink_port), ("paced, gateway", relay_port)):
             if not args.paced_n:
@@ -572,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="FILE",
                    help="py-spy (pip install py-spy) the relaying gateway during the rounds; "
                         "save the raw profile to FILE and print its hottest functions")
+    p.add_argument("--profile-defer", metavar="FILE",
+                   help="the same for the deferring gateway")
     p.add_argument("--time-limit", type=float, default=600.0,
                    help="hard limit for the run, seconds (default %(default)s)")
     args = p.parse_args(argv)

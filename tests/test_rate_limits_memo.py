@@ -1,10 +1,11 @@
 """The early refusal's look at the store, skipped while this process knows there is ample room
 (gateway.state.rooms): a sender well within its rate is not looked up at MAIL after its first
 admission; near the limit, after a throttle or a reload, once the knowledge is a second old, or
-for ``gateway explain``, the MAIL half looks again; a refusal at MAIL always comes from a look;
-and room spent meanwhile by another gateway on the same store only costs receiving the message,
-which the end of it defers. On every state backend, through a live gateway; the looks are
-counted on the gateway's real store."""
+for ``gateway explain``, the MAIL half looks again; room spent meanwhile by another gateway on
+the same store only costs receiving the message, which the end of it defers. And skipped while
+this process knows there is no room for longer than max_hold: a sender retrying over its rate
+is refused from the store's last answer for a second, with the wait that is left. On every
+state backend, through a live gateway; the looks are counted on the gateway's real store."""
 
 from __future__ import annotations
 
@@ -168,10 +169,37 @@ def test_room_spent_by_another_gateway_is_deferred_at_the_end_of_the_message(gat
         assert len(looks) == 1
         assert client.rcpt("alice@example.edu")[0] == 250
         assert client.data(MESSAGE) == (451, over)  # the end of the message decides
-        # what that admission answered is known now: the next MAIL looks, and refuses
+        # what that admission answered is known now (no room for 60 s): the next MAIL is
+        # refused from it, without a look
         assert client.mail("bounce-1@em.acme.example") == (451, over)
-        assert len(looks) == 2
+        assert len(looks) == 1
     assert len(sink.messages) == 1
+
+
+def test_a_sender_over_its_rate_is_refused_from_the_last_look_for_a_second(gateways, sink,
+                                                                            state):
+    """Retries within a second of a look that found no room for longer than max_hold (10 s)
+    are refused from it, with the wait that is left then; a second later, or once the room is
+    nearer than max_hold, the MAIL half looks again."""
+    gw = start(gateways, sink, state, senders=RATE10)
+    looks = count_looks(gw)
+    assert [send_one(gw)[0] for _ in range(10)] == [250] * 10  # 10/minute spent at once
+    gateways.clock.advance(30.5)
+    n = len(looks)
+    over = b"451 4.7.1 Sending rate of sender acme is limited to 10/minute; retry in %d s\r\n"
+    assert mail_reply(gw) == over % 30  # looked: room in 29.5 s
+    assert len(looks) == n + 1
+    gateways.clock.advance(0.6)
+    assert [mail_reply(gw) for _ in range(3)] == [over % 29] * 3  # 28.9 s left: not looked up
+    assert len(looks) == n + 1
+    assert gw.metric("gateway_rate_deferrals_total", sender="acme", limit="sender") == 4
+    gateways.clock.advance(0.4)  # the look is a second old
+    assert mail_reply(gw) == over % 29
+    assert len(looks) == n + 2
+    gateways.clock.advance(18.6)  # 10 s left, no more than max_hold: looked, and taken
+    assert mail_reply(gw).startswith(b"250 ")
+    assert len(looks) == n + 3
+    assert len(sink.messages) == 10
 
 
 def test_explain_always_looks(gateways, sink, state):
@@ -186,6 +214,26 @@ def test_explain_always_looks(gateways, sink, state):
     # the MAIL half looked, though the room was known; (and the DATA half too, spending nothing)
     assert looks == [["rate:acme:60"]] * 3
     assert len(sink.messages) == 1
+
+
+def test_no_room_is_known_until_its_time_while_fresh_and_bounded():
+    rooms = Rooms(size=2)
+    a, b, c = ([Limit(f"rate:{name}:60", 10, 60)] for name in "abc")
+    rooms.learn(a, Admission(20.0, 0, 10, (0,)), at=5.0, now=1000.0)
+    assert rooms.full(a, 5.5, 1000.5) == (19.5, 0)
+    assert rooms.full(a, 5.999, 1019.9) == (pytest.approx(0.1), 0)
+    assert rooms.full(a, 5.5, 1020.0) is None  # its time has come
+    assert rooms.full(a, 6.0, 1001.0) is None  # a second old
+    assert rooms.full([Limit("rate:a:60", 11, 60)], 5.5, 1000.5) is None  # another count
+    assert rooms.full([Limit("rate:a:60", 10, 60, 2)], 5.5, 1000.5) is None  # another cost
+    rooms.learn(a, Admission(0.0, -1, 10, (0,)), at=5.2, now=1000.2)  # admitted: forgotten
+    assert rooms.full(a, 5.5, 1000.5) is None
+    rooms.learn(a, Admission(20.0, 0, 10, (0,)), at=5.0, now=1000.0)
+    rooms.learn(b, Admission(20.0, 0, 10, (0,)), at=5.0, now=1000.0)
+    rooms.learn(c, Admission(20.0, 0, 10, (0,)), at=5.0, now=1000.0)  # a goes
+    assert [rooms.full(x, 5.5, 1000.5) is not None for x in (a, b, c)] == [False, True, True]
+    rooms.learn(b, Admission(20.0, 0, 10, (0,)), at=5.0)  # without now: no wait is learned
+    assert rooms.full(b, 5.5, 1000.5) == (19.5, 0)
 
 
 def test_what_is_known_is_bounded_the_least_recently_learned_forgotten_first():

@@ -94,7 +94,8 @@ class RateLimit(Check):
         now, at = self.deps.clock.now().timestamp(), self.deps.clock.monotonic()
         try:
             admission = await self.deps.state.acquire(limits, now, token)
-            self.rooms.learn(limits, admission, at)  # (dated from before the call: no younger)
+            # (dated from before the call: no younger)
+            self.rooms.learn(limits, admission, at, now)
             return admission
         except StoreError as exc:
             if self.on_error != "local":
@@ -214,9 +215,12 @@ class RateLimitAtMail(RateLimit):
     at the end of the message.
 
     It does not look when the store's last answer to this process (the DATA half's last
-    admission or its own last look) showed ample room for these very limits, under a second
-    ago (gateway.state.rooms): it accepts then, as the look would have. A refusal here always
-    comes from a look; ``gateway explain`` always looks."""
+    admission or its own last look) for these very limits, under a second ago, showed ample
+    room (gateway.state.rooms): it accepts then, as the look would have; or showed no room
+    before a time still more than ``max_hold`` away: it refuses then, with the wait that is
+    left, as the look would (budget is never given back, so only time frees it: a retrying
+    sender over its rate costs one look a second, not one a retry). ``gateway explain``
+    always looks."""
 
     stage = Stage.MAIL
 
@@ -228,16 +232,21 @@ class RateLimitAtMail(RateLimit):
         try:
             sender_id, budget, _ = await self.budget(ctx)
             limits = [limit for limit, _, _ in budget]
-            at = clock.monotonic()
-            if not ctx.dry_run and self.rooms.ample(limits, at):
-                return ACCEPT  # what the look would answer (see gateway.state.rooms)
-            admission = await self.deps.state.peek(limits, clock.now().timestamp())
+            at, now = clock.monotonic(), clock.now().timestamp()
+            if not ctx.dry_run:  # what the look would answer (see gateway.state.rooms)
+                if self.rooms.ample(limits, at):
+                    return ACCEPT
+                full = self.rooms.full(limits, at, now)
+                if full is not None and full[0] > self.max_hold:
+                    _, kind, rate = budget[full[1]]
+                    return self._deferred(sender_id, rate, kind, full[0])
+            admission = await self.deps.state.peek(limits, now)
         except StoreError:
             # the store is down: the end of the message decides, as for every check that
             # needs it (on_error: 451 4.3.0, or the per-process limits)
             return ACCEPT
         if not ctx.dry_run:
-            self.rooms.learn(limits, admission, at)
+            self.rooms.learn(limits, admission, at, now)
         if admission.wait > self.max_hold:
             _, kind, rate = budget[admission.limit]
             return self._deferred(sender_id, rate, kind, admission.wait, count=not ctx.dry_run)

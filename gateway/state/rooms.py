@@ -23,6 +23,12 @@ only
 
 A look's answer may arrive after that of an admission that began later (Redis, several
 connections): the room is then overstated by the calls in flight, which the margin also covers.
+
+It also remembers the opposite: an answer that these limits have no room for the cost before a
+time (the store's ``wait``, from its clock). Budget is never given back and events only leave a
+window as time passes, so until then no look can find room, whatever other gateways spend: the
+MAIL half refuses a retrying sender from that answer (:meth:`Rooms.full`) while it is younger
+than ``FRESH``, for the very same limits and costs, with the wait that is left, as a look would.
 """
 
 from __future__ import annotations
@@ -45,15 +51,42 @@ class Rooms:
         self.size, self.fresh = size, fresh
         # key -> (count, window, room, monotonic time learned)
         self._known: OrderedDict[str, tuple[int, float, int, float]] = OrderedDict()
+        # the limits as asked -> (store time before which they have no room, the limit that
+        # keeps it, monotonic time learned)
+        self._full: OrderedDict[tuple[Limit, ...], tuple[float, int, float]] = OrderedDict()
 
-    def learn(self, limits: list[Limit], admission: Admission, at: float) -> None:
-        """Remember what the store answered at ``at`` (monotonic) for ``limits``."""
+    def learn(self, limits: list[Limit], admission: Admission, at: float,
+              now: float | None = None) -> None:
+        """Remember what the store answered at ``at`` (monotonic) for ``limits``; with ``now``
+        (the store time the question was asked at), also a wait it answered."""
         known = self._known
         for (key, count, window, _), room in zip(limits, admission.rooms):
             known[key] = (count, window, room, at)
             known.move_to_end(key)
         while len(known) > self.size:
             known.popitem(last=False)
+        if now is None:
+            return
+        full, asked = self._full, tuple(limits)
+        if admission.wait > 0:
+            full[asked] = (now + admission.wait, admission.limit, at)
+            full.move_to_end(asked)
+            while len(full) > self.size:
+                full.popitem(last=False)
+        else:
+            full.pop(asked, None)
+
+    def full(self, limits: list[Limit], at: float, now: float) -> tuple[float, int] | None:
+        """(seconds from ``now`` until these very limits can have room, the limit that keeps
+        it) from an answer younger than ``fresh`` at ``at`` (monotonic); None when there is
+        none, or its time has come."""
+        found = self._full.get(tuple(limits))
+        if found is None:
+            return None
+        until, limit, learned = found
+        if at - learned >= self.fresh or until <= now:
+            return None
+        return until - now, limit
 
     def ample(self, limits: list[Limit], at: float) -> bool:
         """Whether every limit is known, fresh and with room to spare for its cost."""
