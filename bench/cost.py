@@ -386,10 +386,17 @@ def run(args) -> int:
         defer, defer_port, _ = start_gateway(children, tmp, "defer", sink_port, args, features,
                                              {"sender_rate": '"1/day"'},
                                              event_loop=args.event_loop)
+        sane = {"relay": (relay, relay_port, None), "defer": (defer, defer_port, None)}
+        other_defer = None
+        if args.against:  # the other tree deferring too
+            other_defer, other_defer_port, _ = start_gateway(
+                children, tmp, "against-defer", sink_port, args, features,
+                {"sender_rate": '"1/day"'}, Path(args.against).resolve(),
+                event_loop=args.against_event_loop)
+            sane["against-defer"] = (other_defer, other_defer_port, None)
         # one signed message through each must come out with dkim=pass; it spends the
-        # deferring gateway's whole budget for the day
-        tp.sanity_pass({"relay": (relay, relay_port, None), "defer": (defer, defer_port, None)},
-                       first, tmp / "capture")
+        # deferring gateways' whole budget for the day
+        tp.sanity_pass(sane, first, tmp / "capture")
         spies = []  # (py-spy, its output, FILE, which gateway)
         for file, proc, what in ((args.profile, relay, "relaying"),
                                  (args.profile_defer, defer, "deferring")):
@@ -408,7 +415,9 @@ def run(args) -> int:
                      {"gateway": relay.pid, "sink": sink.pid}),
                     ("gateway, deferred", defer_port, "defer", {"gateway": defer.pid}),
                     *([("against, relayed", other_port, "relay",
-                        {"gateway": other.pid, "sink": sink.pid})] if other else [])):
+                        {"gateway": other.pid, "sink": sink.pid})] if other else []),
+                    *([("against, deferred", other_defer_port, "defer",
+                        {"gateway": other_defer.pid})] if other_defer else [])):
                 res = drive(children, port, args, label, mode, watch, args.n)
                 phases.setdefault(label, []).append(res)
                 print(f"  round {r + 1}: {label:<18} {res.ok / res.elapsed:7.0f} msgs/s"
@@ -486,6 +495,11 @@ def report(phases: dict[str, list[Phase]], idle, args) -> int:
             + (f" at {args.against_log_level}" if args.against_log_level else "")
         print(f"  against ({what}), relayed\n                                  "
               f"{f(cpu('against, relayed', 'gateway')):>6} us   this tree's relay is "
+              f"{f(r_other, '{:.3f}')} of it (median of the per-round ratios)")
+    if "against, deferred" in phases:
+        r_other = ratio("gateway, deferred", "gateway", "against, deferred", "gateway")
+        print(f"  against ({args.against}), deferred\n                                  "
+              f"{f(cpu('against, deferred', 'gateway')):>6} us   this tree's deferral is "
               f"{f(r_other, '{:.3f}')} of it (median of the per-round ratios)")
     d = phases.get("gateway, relayed", [])
     s = phases.get("sink, direct", [])
