@@ -9,6 +9,8 @@ import logging
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import EXAMPLE_SENDER, MESSAGE, free_port, serve_process
 from tests.raw_smtp import RawSMTP
@@ -67,8 +69,9 @@ def test_every_line_the_process_writes_is_json_with_client_bytes_escaped(served_
     lines = (out + err).split(b"\n")
     assert lines.pop() == b""  # every line ends with LF, nothing after the last one
     for raw in lines:
-        # no control character is written raw (JSON writes them as \u001b, \r ...)
-        assert all(b >= 0x20 for b in raw), raw
+        # printable ASCII only: no control character (JSON writes them as \u001b, \r ...),
+        # no DEL, nothing beyond ASCII is written raw
+        assert all(0x20 <= b < 0x7f for b in raw), raw
         assert isinstance(json.loads(raw), dict), raw
     events = [json.loads(raw) for raw in lines]
     unknown = [e for e in events if e.get("logger") == "mail.log"
@@ -116,3 +119,57 @@ def test_decision_line_follows_a_new_logging_configuration(logs):
     [line] = [json.loads(text) for text in other.getvalue().splitlines()]
     assert (line["event"], line["reason"]) == ("message", "rate_limited")
     assert [line["reason"] for line in logs.lines() if line["event"] == "message"] == ["relayed"]
+
+
+# --- the JSON text of the decision log and the trace (gateway.infra.jsontext) ---------------
+
+_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
+            | st.text())
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_values)
+def test_json_text_is_the_standard_librarys_for_any_value_without_floats(value):
+    """orjson's text where it is printable ASCII, else the standard library's: either way the
+    very text ``json.dumps`` writes (compact), so every character outside printable ASCII (DEL,
+    C1 controls, U+2028, bidirectional overrides) is escaped; integers wider than 64 bits too."""
+    from gateway.infra.jsontext import dumps, dumps_bytes
+
+    expected = json.dumps(value, separators=(",", ":"))
+    assert dumps(value) == expected
+    assert dumps_bytes(value) == expected.encode()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=5))
+def test_json_floats_read_back_the_same(values):
+    from gateway.infra.jsontext import dumps
+
+    assert json.loads(dumps(values)) == values
+
+
+@pytest.mark.parametrize("text, escaped", [
+    ("\x7f", "\\u007f"), ("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u202e", "\\u202e"),
+    ("\x1b[2J", "\\u001b[2J"), ("é", "\\u00e9"),
+])
+def test_json_text_escapes_what_orjson_would_write_raw(text, escaped):
+    from gateway.infra.jsontext import dumps
+
+    assert dumps({"event": text}) == '{"event":"%s"}' % escaped
+
+
+def test_json_text_gives_unknown_objects_to_default_as_before():
+    import dataclasses
+    import datetime as dt
+
+    from gateway.infra.jsontext import dumps
+
+    @dataclasses.dataclass
+    class Thing:
+        x: int
+
+    at = dt.datetime(2026, 11, 29, tzinfo=dt.timezone.utc)
+    assert dumps({"a": Thing(1), "b": at, "c": {1: 2}}, default=repr) == json.dumps(
+        {"a": Thing(1), "b": at, "c": {1: 2}}, default=repr, separators=(",", ":"))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import structlog
 
+from gateway.infra import jsontext
+
 
 def configure_logging(level: str, fmt: str, stream=None, serving: bool | None = None) -> None:
     """structlog for the gateway's own events, and every standard-library logger (aiosmtpd's
@@ -27,7 +29,7 @@ def configure_logging(level: str, fmt: str, stream=None, serving: bool | None = 
     ``serving``: the gateway process (default: when writing to standard output), whose
     uncaught exceptions are logged too; ``stream`` may be a gateway.logfile.LogFile."""
     out = stream or sys.stdout
-    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
+    renderer = (structlog.processors.JSONRenderer(serializer=jsontext.dumps) if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
     threshold = logging.getLevelName(level.upper())
     stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)

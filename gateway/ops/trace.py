@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.engine.message import message_id
+from gateway.infra import jsontext
 from gateway.state import StoreError
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ class TraceStore:
 
     def _rows(self, rec: dict) -> list[tuple[str, bytes, float]]:
         ttl, qid = self.ttl, rec["queue_id"]
-        rows = [(f"trace:q:{qid}", json.dumps(rec, separators=(",", ":")).encode(), ttl),
+        rows = [(f"trace:q:{qid}", jsontext.dumps_bytes(rec), ttl),
                 (f"trace:s:{rec['sender'] or '-'}:{self._hour_of(rec['at'])}:{qid}", b"", ttl)]
         if rec["message_id"]:
             rows.append((f"trace:m:{message_id_key(rec['message_id'])}:{qid}", b"", ttl))
