@@ -1,7 +1,7 @@
 """JSON text for the lines written once a message or more (the decision log, the trace's
-records): orjson, about ten times faster than the standard library's encoder (12 us to 1 us a
-decision line), with the standard library's output wherever the two would differ in what
-reaches a reader.
+records): orjson, several times faster than the standard library's encoder (a decision line
+0.16x, bench/json_cost.py), with the standard library's output wherever the two would differ in
+what reaches a reader.
 
 The standard library (``ensure_ascii``) writes every character outside printable ASCII as an
 escape, so no log line ever carries a raw DEL, C1 control, bidirectional override or line
