@@ -55,8 +55,9 @@ def postfix_installed() -> bool:
 class PostfixServer:
     def __init__(self, workdir: Path, smtp_port: int, relay_port: int, milter: str | None,
                  sasl_users: dict[str, str] | None = None) -> None:
-        """``milter`` None: no milter (Postfix as campus mail). ``sasl_users`` (login: password) turns on SMTP AUTH (PLAIN, LOGIN) in smtpd,
-        checked by Cyrus SASL against a sasldb of the instance's own (needs saslpasswd2)."""
+        """``milter`` None: no milter (Postfix as campus mail). ``sasl_users`` (login:
+        password) turns on SMTP AUTH (PLAIN, LOGIN) in smtpd, checked by Cyrus SASL against a
+        sasldb of the instance's own (needs saslpasswd2)."""
         self.dir = workdir
         self.conf = workdir / "etc"
         self.smtp_port, self.relay_port, self.milter = smtp_port, relay_port, milter

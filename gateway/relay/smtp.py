@@ -42,8 +42,8 @@ def wire_exact(content: bytes, checked: int = 0) -> bool:
 
 class Client(aiosmtplib.SMTP):
     """aiosmtplib's client (connection, EHLO, STARTTLS, RSET, QUIT), with the transaction
-    commands (MAIL, RCPT, DATA and the final dot, or BDAT) written by :meth:`send` and their replies
-    read by :meth:`reply` under one deadline per connection, not aiosmtplib's per-read
+    commands (MAIL, RCPT, DATA and the final dot, or BDAT) written by :meth:`send` and their
+    replies read by :meth:`reply` under one deadline per connection, not aiosmtplib's per-read
     timeout: asyncio.wait_for costs about 2.5 us a reply (a future, a timer and callbacks),
     four times a message. One timer per connection watches instead; a reply later than
     ``timeout`` closes the connection, so the read ends in SMTPServerDisconnected, a transport
