@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trees import tree_of  # noqa: E402  (bench/trees.py)
+from trees import before_first, tree_of  # noqa: E402  (bench/trees.py)
 
 HERE = Path(__file__).resolve().parent.parent
 WEEK = 7 * 86400.0
@@ -88,12 +88,10 @@ def measure(args) -> int:
 
 def before_commit() -> str:
     """The parent of the commit that introduced distinct_counts (the kept per-set count)."""
-    found = subprocess.run(
-        ["git", "-C", str(HERE), "log", "--reverse", "--format=%H", "-S", "distinct_counts",
-         "--", "gateway/state/sqlite.py"], capture_output=True, text=True, check=True).stdout
-    if not found.split():
+    found = before_first("distinct_counts")
+    if found is None:
         sys.exit("no commit introduces distinct_counts here: pass --before TREE or REV")
-    return found.split()[0] + "^"
+    return found
 
 
 

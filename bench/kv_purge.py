@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trees import tree_of  # noqa: E402  (bench/trees.py)
+from trees import before_first, tree_of  # noqa: E402  (bench/trees.py)
 
 HERE = Path(__file__).resolve().parent.parent
 DAYS = 14
@@ -100,10 +100,7 @@ def measure(args) -> int:
 
 def before_commit() -> str:
     """The parent of the commit that indexed kv by expiry."""
-    found = subprocess.run(
-        ["git", "-C", str(HERE), "log", "--reverse", "--format=%H", "-S", "kv_expires",
-         "--", "gateway/state/sqlite.py"], capture_output=True, text=True, check=True).stdout
-    return found.split()[0] + "^" if found.split() else "HEAD"
+    return before_first("kv_expires") or "HEAD"
 
 
 

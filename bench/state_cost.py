@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trees import tree_of  # noqa: E402  (bench/trees.py)
+from trees import before_first, tree_of  # noqa: E402  (bench/trees.py)
 
 HERE = Path(__file__).resolve().parent.parent
 WEEK = 7 * 86400.0
@@ -204,12 +204,7 @@ def measure(args) -> int:
 
 def before_commit() -> str:
     """The parent of the commit that introduced the schema's user_version migrations."""
-    found = subprocess.run(
-        ["git", "-C", str(HERE), "log", "--reverse", "--format=%H", "-S", "user_version",
-         "--", "gateway/state/sqlite.py"], capture_output=True, text=True, check=True).stdout
-    if not found.split():
-        return "HEAD"  # nothing changed yet: the tree against its own commit
-    return found.split()[0] + "^"
+    return before_first("user_version") or "HEAD"  # none yet: the tree against its own commit
 
 
 

@@ -20,3 +20,12 @@ def tree_of(spec: str, tmp: Path) -> Path:
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
     return out
+
+
+def before_first(text: str, path: str = "gateway/state/sqlite.py") -> str | None:
+    """The parent of the first commit that added or removed ``text`` in ``path`` (git log -S):
+    the tree a lever is measured against; None when no commit did."""
+    found = subprocess.run(
+        ["git", "-C", str(REPO), "log", "--reverse", "--format=%H", "-S", text, "--", path],
+        capture_output=True, text=True, check=True).stdout.split()
+    return found[0] + "^" if found else None
